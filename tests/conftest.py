@@ -1,0 +1,59 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny randomly initialised Llama.
+
+The tokenizer comes from the embedded GGUF's cached safetensors conversion (made once,
+~30 s, then 0.1 s). The tiny model has the real vocabulary so that chat templates, stop
+strings and decoding behave as with the real model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    """The converted embedded model folder (config, safetensors, tokenizer)."""
+    from esm_steer.engine.loading import EMBEDDED, ensure_converted
+
+    return ensure_converted("HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from esm_steer.engine.loading import load_tokenizer
+
+    return load_tokenizer(str(embedded_dir))
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    """A 2-layer, 64-wide Llama with SmolLM2's vocabulary (eos = pad = 2), float32, eval mode."""
+    return make_tiny_model(len(tokenizer))
