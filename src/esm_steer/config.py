@@ -122,12 +122,15 @@ class EvalConfig:
     example_ids: Optional[list[str]] = None  # esm-case: which examples
     bootstrap_samples: int = 2000
     max_cases: int = 5  # per kind (improved / regressed) in cases_T<T>.md
+    # with no artifacts in the run dir and no artifact_run_dir: run mine -> select -> memory
+    # first in this run dir (a suite job does the whole pipeline); false: fail with one line
+    run_offline_if_missing: bool = False
 
 
 @dataclass
 class OutputsConfig:
     root_dir: str = "outputs"
-    run_name: str = "debug"
+    run_name: str = "${task.dataset}"
     run_id: Optional[str] = None  # null: a timestamp; "latest": outputs/<run_name>/LATEST
     suite_id: Optional[str] = None  # multirun: outputs/_suite/<suite_id>; null: a timestamp
 

@@ -1,0 +1,178 @@
+"""Thin Hydra mains, one per stage: compose the config, check it, open the run dir, call
+the stage function. Each stage module exposes ``run(cfg, run) -> None``.
+
+A bad config value or a missing artifact ends the job with one line (exit code 2). In a
+multirun a failing job writes ``error.txt`` into its dir and the sweep goes on, so that the
+suite callback can list it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import sys
+import traceback
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from esm_steer.config import ConfigError, register_configs, validate
+from esm_steer.runs import LATEST, RunError, current_output_dir, read_latest, start_run  # registers resolvers
+
+log = logging.getLogger("esm_steer")
+
+register_configs()
+
+# entrypoint -> (stage names it accepts, "module:function" per stage)
+STAGES: dict[str, dict[str, str]] = {
+    "mine": {"mine": "esm_steer.esm.mine:run"},
+    "select": {"select": "esm_steer.esm.select:run"},
+    "memory": {"memory": "esm_steer.esm.memory:run"},
+    "eval": {"eval": "esm_steer.evaluate.eval:run"},
+    "case": {"case": "esm_steer.evaluate.case:run"},
+    "token2048": {
+        s: f"esm_steer.token2048.pipeline:run" for s in ("sample", "prepare", "continue", "select", "all")
+    },
+}
+
+
+class NotImplementedYet(RuntimeError):
+    pass
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [ConfigError, RunError, NotImplementedYet, FileNotFoundError]
+    try:
+        from esm_steer.data.tasks import DataError
+
+        errs.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _stage_function(entry: str, stage: str):
+    table = STAGES[entry]
+    if stage not in table:
+        raise ConfigError(f"stage={stage!r} is not a stage of esm-{entry}: one of {', '.join(table)}")
+    module, func = table[stage].split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith(module.rsplit(".", 1)[0]):
+            raise NotImplementedYet(f"stage '{stage}' is not implemented yet") from None
+        raise
+    fn = getattr(mod, func, None)
+    if fn is None:
+        raise NotImplementedYet(f"stage '{stage}' is not implemented yet")
+    return fn
+
+
+def _check_latest_dir() -> None:
+    """outputs.run_id=latest without a LATEST pointer leaves Hydra's run dir at '.../latest'
+    (the resolver cannot raise cleanly there): remove that empty dir and say why in one line."""
+    out = current_output_dir()
+    if out.name != "latest" or (out.parent / LATEST).exists():
+        return
+    if all(p.name in (".hydra", "logs") for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+    read_latest(out.parent.parent, out.parent.name)  # raises RunError with the message
+
+
+def run_stage(entry: str, cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        _check_latest_dir()
+        validate(cfg)
+        fn = _stage_function(entry, cfg.stage.name)
+        run = start_run(cfg, stage=f"{entry}" if entry != "token2048" else f"token2048_{cfg.stage.name}")
+        fn(cfg, run)
+    except Exception as e:  # noqa: BLE001 - one line for the user, the rest in the log
+        expected = isinstance(e, _expected_errors())
+        msg = f"esm-{entry}: {e}" if expected else f"esm-{entry}: {type(e).__name__}: {e}"
+        if multirun:
+            out = current_output_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text(msg + "\n\n" + traceback.format_exc())
+            log.error("job failed (sweep goes on): %s", msg)
+            return
+        if expected:
+            log.debug("%s", traceback.format_exc())
+            print(msg, file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+_GROUPS = {"model", "task", "prompt", "online", "stage", "experiment"}
+
+
+def precheck_overrides(args: list[str]) -> str | None:
+    """One-line message for the first command-line override that the schema rejects
+    (unknown key, wrong type), or None. Hydra's own message for these spans several lines."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from esm_steer.config import ESMConfig
+
+    plain = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except Exception:  # noqa: BLE001 - malformed: Hydra reports it
+        return None
+    schema = OmegaConf.structured(ESMConfig)
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_delete() or o.is_force_add() or key.startswith("hydra") or o.package:
+            continue
+        if "." not in key and key in _GROUPS:
+            continue  # a group choice
+        if key.split(".")[0] not in schema:
+            return f"unknown config key '{key}' (top-level keys: {', '.join(schema.keys())})"
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for v in values:
+            try:
+                OmegaConf.merge(schema, OmegaConf.from_dotlist([f"{key}={v}"]))
+            except Exception as e:  # noqa: BLE001
+                first = str(e).strip().splitlines()[0]
+                return f"bad override '{key}={v}': {first}"
+    return None
+
+
+def _main(entry: str):
+    problem = precheck_overrides(sys.argv[1:])
+    if problem:
+        print(f"esm-{entry}: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name=entry)
+    def main(cfg: DictConfig) -> None:
+        run_stage(entry, cfg)
+
+    return main
+
+
+def mine() -> None:
+    _main("mine")()
+
+
+def select() -> None:
+    _main("select")()
+
+
+def memory() -> None:
+    _main("memory")()
+
+
+def eval_() -> None:
+    _main("eval")()
+
+
+def case() -> None:
+    _main("case")()
+
+
+def token2048() -> None:
+    _main("token2048")()
