@@ -1,0 +1,151 @@
+"""Config composition, schema errors and semantic checks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
+from esm_steer.config import ConfigError, validate
+
+CONF = Path(esm_steer.cli.__file__).parent / "conf"
+GROUPS = ["model", "task", "prompt", "online", "stage", "experiment"]
+ENTRYPOINTS = ["mine", "select", "memory", "eval", "case", "token2048"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(config_name: str = "eval", overrides: list[str] | None = None):
+    with initialize_config_module(config_module="esm_steer.conf", version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_choice_composes_and_validates(group, option):
+    cfg = _compose("eval", [f"{group}={option}"])
+    validate(cfg)
+    if group == "model":
+        assert cfg.model.name_or_path
+    if group == "task":
+        assert cfg.task.dataset == option
+    if group == "prompt":
+        assert cfg.prompt.template == option
+    if group == "online":
+        assert cfg.online.variant == option
+    if group == "stage":
+        assert cfg.stage.name == option
+
+
+def test_group_options_are_the_documented_ones():
+    assert set(options("model")) == {"smollm2_135m", "qwen3_0_6b", "qwen3_4b", "r1_distill_qwen_1_5b"}
+    assert {"debug", "gsm8k_recommended_small", "gsm8k_recommended_paper", "suite_tiny"} <= set(options("experiment"))
+    assert set(options("online")) == {"esm", "no_memory", "no_probing"}
+    assert {"gsm8k", "svamp", "arc-c", "math500", "math", "aime_2024", "strategyqa", "dapo_math", "arith"} <= set(
+        options("task")
+    )
+
+
+@pytest.mark.parametrize("entry", ENTRYPOINTS)
+def test_each_entrypoint_sets_its_stage(entry):
+    cfg = _compose(entry)
+    assert cfg.stage.name == ("all" if entry == "token2048" else entry)
+
+
+def test_seed_schema_keys_exist():
+    cfg = _compose("eval")
+    for key in [
+        "seed", "model.name_or_path", "model.gguf_file", "model.dtype", "model.backend", "model.device",
+        "model.steer_layer", "model.gpu_memory_utilization", "model.max_model_len", "model.max_num_seqs",
+        "model.tensor_parallel_size", "task.dataset", "task.data_root", "task.train_split", "task.eval_split",
+        "task.max_train_examples", "task.max_eval_examples", "prompt.template", "decode.max_new_tokens",
+        "decode.temperature", "decode.top_p", "decode.logprobs", "control_points.segment_delimiter",
+        "control_points.M", "offline_mine.K", "offline_mine.K_pos", "offline_mine.K_neg",
+        "offline_mine.max_new_tokens", "offline_mine.keep_top_C", "offline_mine.require_correct_and_incorrect",
+        "offline_mine.pos_source", "offline_mine.length_penalty", "offline_select.B", "offline_select.method",
+        "offline_select.lambda_diversity", "offline_select.min_per_control_point", "offline_memory.normalize_keys",
+        "online.variant", "online.k_retrieve", "online.L", "online.probe_tokens", "online.beta", "online.rho",
+        "online.k_scale", "online.tau_null", "online.min_sim", "online.min_entries", "eval.methods",
+        "eval.ablations", "eval.artifact_run_dir", "outputs.root_dir", "outputs.run_name", "outputs.run_id",
+        "token2048.n_questions", "token2048.n_prefix", "token2048.prefix_tokens", "token2048.n_cont",
+        "token2048.max_new_tokens", "token2048.shard_index", "token2048.num_shards",
+    ]:
+        assert OmegaConf.select(cfg, key, default="MISSING!") != "MISSING!", key
+    assert cfg.control_points.segment_delimiter == "\n\n"
+
+
+def test_experiment_overrides_groups():
+    cfg = _compose("eval", ["experiment=gsm8k_recommended_small"])
+    assert cfg.model.name_or_path == "Qwen/Qwen3-4B-Instruct-2507"
+    assert cfg.task.dataset == "gsm8k" and cfg.prompt.template == "gsm8k_0shot_compact"
+    # a command-line override still wins over the experiment
+    cfg = _compose("eval", ["experiment=debug", "decode.max_new_tokens=7"])
+    assert cfg.decode.max_new_tokens == 7 and cfg.outputs.run_name == "debug"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("offline_mine.K=-1", "offline_mine.K"),
+        ("offline_mine.K_pos=9", "offline_mine.K_pos"),  # K_pos <= K (8)
+        ("decode.top_p=0", "decode.top_p"),
+        ("decode.top_p=1.5", "decode.top_p"),
+        ("control_points.M=0", "control_points.M"),
+        ("offline_select.B=2", "offline_select.B"),  # B >= min_per_control_point * M
+        ("offline_select.method=greedy", "offline_select.method"),
+        ("online.variant=foo", "online.variant"),
+        ("online.min_sim=2", "online.min_sim"),
+        ("model.backend=tgi", "model.backend"),
+        ("token2048.shard_index=3", "token2048.shard_index"),
+    ],
+)
+def test_semantic_checks_name_the_key(override, key):
+    cfg = _compose("eval", [override])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert msg.startswith(key + "=") and "\n" not in msg
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "esm-eval"
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["offline_mine.K=-1"], "offline_mine.K=-1 is out of range"),
+        (["nosuchkey=1"], "unknown config key 'nosuchkey'"),
+        (["model.nosuch=1"], "Key 'nosuch' not in 'ModelConfig'"),
+        (["offline_mine.K=abc"], "could not be converted to Integer"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, needle):
+    r = _cli(args + [f"outputs.root_dir={tmp_path}/out"], tmp_path)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert lines[0].startswith("esm-eval: ")
+
+
+def test_cli_help_lists_groups(tmp_path):
+    r = _cli(["--help"], tmp_path)
+    assert r.returncode == 0
+    for g in ["model:", "task:", "prompt:", "online:", "stage:", "experiment:"]:
+        assert g in r.stdout
+    assert "qwen3_4b" in r.stdout and "gsm8k_recommended_paper" in r.stdout
+
+
+def test_cli_cfg_job_prints_composed_config(tmp_path):
+    r = _cli(["--cfg", "job", "task=gsm8k", "model=qwen3_4b"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = OmegaConf.create(r.stdout)
+    assert cfg.task.dataset == "gsm8k" and cfg.model.name_or_path == "Qwen/Qwen3-4B-Instruct-2507"
