@@ -57,3 +57,24 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int
 def tiny_model(tokenizer):
     """A 2-layer, 64-wide Llama with SmolLM2's vocabulary (eos = pad = 2), float32, eval mode."""
     return make_tiny_model(len(tokenizer))
+
+
+def make_lively_model(vocab_size: int, seed: int = 1, scale: float = 10.0):
+    """A tiny model whose weights are scaled up so that greedy decoding does not just repeat
+    one token (the default init gives near-uniform logits)."""
+    model = make_tiny_model(vocab_size, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model
+
+
+@pytest.fixture
+def tiny_engine(tokenizer, tiny_model):
+    """An HFEngine (float32, CPU, steer layer 1) around the session's tiny model."""
+    from esm_steer.engine.hf import HFEngine
+
+    engine = HFEngine(tiny_model, tokenizer, batch_size=8)
+    yield engine
+    engine._hook.remove()  # the model is shared by the session: leave it unhooked

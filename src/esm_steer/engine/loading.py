@@ -103,3 +103,20 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, cache_dir: s
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def model_path(model_cfg) -> tuple[str, str]:
+    """(folder or hub id to load, model id recorded in artifacts) for a ModelConfig.
+
+    A GGUF model loads from its cached safetensors conversion; its id names the GGUF file
+    (e.g. ``smollm2-135m-instruct@SmolLM2-135M-Instruct.Q4_1.gguf``) so that artifacts made
+    from another quantisation are refused."""
+    name = str(model_cfg.name_or_path)
+    gguf = getattr(model_cfg, "gguf_file", None)
+    cache_dir = getattr(model_cfg, "cache_dir", None)
+    if not gguf:
+        return name, name
+    src = resolve_gguf(name, gguf)
+    assert src is not None
+    path = ensure_converted(name, gguf, cache_dir)
+    return str(path), f"{name}@{src[1]}"
