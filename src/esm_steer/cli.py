@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from esm_steer.config import ConfigError, register_configs, validate
+from esm_steer.launch import prepare_job  # registers esm_n_jobs; claims a GPU per worker
 from esm_steer.runs import LATEST, RunError, current_output_dir, read_latest, start_run  # registers resolvers
 
 log = logging.getLogger("esm_steer")
@@ -86,6 +87,7 @@ def run_stage(entry: str, cfg: DictConfig) -> None:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        prepare_job(cfg)  # multirun: this worker's GPU (or one CPU thread), before any torch/CUDA
         _check_latest_dir()
         validate(cfg)
         fn = _stage_function(entry, cfg.stage.name)
