@@ -1,0 +1,153 @@
+"""Synthetic arithmetic word problems: a task that runs anywhere, with a difficulty knob.
+
+difficulty 1: one step, + or -, operands <= 15 (the embedded 135M model solves ~1/3-1/2);
+difficulty 2: two steps of + / -, operands <= 30;
+difficulty 3: three steps, + / - / "n bags of m" / doubling, operands up to ~99.
+
+Problems come from one seeded stream; each question text goes to train or test by a hash of
+the text, so the splits never share a problem, whatever the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+NAMES = [
+    ("Tom", "he", "his"), ("Mia", "she", "her"), ("Ben", "he", "his"), ("Lily", "she", "her"),
+    ("Sam", "he", "his"), ("Emma", "she", "her"), ("Leo", "he", "his"), ("Zoe", "she", "her"),
+    ("Max", "he", "his"), ("Ava", "she", "her"), ("Noah", "he", "his"), ("Ella", "she", "her"),
+    ("Jack", "he", "his"), ("Ruby", "she", "her"), ("Omar", "he", "his"), ("Nina", "she", "her"),
+    ("Ravi", "he", "his"), ("Kate", "she", "her"), ("Luis", "he", "his"), ("Yuki", "she", "her"),
+]  # fmt: skip
+FRIENDS = ["a friend", "his sister", "her brother", "a neighbor", "the teacher", "a classmate", "Grandma"]
+OBJECTS = [
+    "apples", "marbles", "stickers", "pencils", "cookies", "books", "balloons", "shells",
+    "cards", "crayons", "stamps", "beads", "flowers", "eggs", "toy cars", "coins",
+]  # fmt: skip
+
+STARTS = [
+    "{name} has {a} {obj}.",
+    "{name} had {a} {obj} in a box.",
+    "{name} collected {a} {obj}.",
+    "There are {a} {obj} on {name}'s desk.",
+    "{name} started the day with {a} {obj}.",
+]
+ADDS = [
+    "{P} buys {b} more {obj}.",
+    "{P} finds {b} more.",
+    "{Friend} gives {him} {b} more {obj}.",
+    "Then {name} gets {b} more.",
+    "{P} picks up {b} more {obj}.",
+    "Later, {name} wins {b} more {obj}.",
+]
+SUBS = [
+    "{P} gives {b} {obj} to {friend}.",
+    "{P} loses {b} of them.",
+    "{P} sells {b} {obj}.",
+    "Then {name} gives away {b}.",
+    "{Friend} takes {b} of the {obj}.",
+    "{P} uses {b} {obj} for a project.",
+]
+BAGS = ["{P} buys {b} bags with {c} {obj} in each.", "{Friend} brings {b} boxes of {c} {obj} each."]
+DOUBLES = ["Then the number of {obj} doubles.", "{P} doubles {his} {obj}."]
+QUESTIONS = [
+    "How many {obj} does {name} have now?",
+    "How many {obj} are there now?",
+    "How many {obj} does {name} have in the end?",
+]
+
+# per difficulty: steps, start range, operand range
+LEVELS = {1: (1, (2, 15), (1, 15)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60))}
+
+
+@dataclass
+class ArithProblem:
+    question: str
+    answer: int
+    steps: list[str]  # "5 + 3 = 8"
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def make_problem(rng: random.Random, difficulty: int) -> ArithProblem:
+    n_steps, (a_lo, a_hi), (b_lo, b_hi) = LEVELS[difficulty]
+    name, he, his = rng.choice(NAMES)
+    him = "him" if he == "he" else "her"
+    obj = rng.choice(OBJECTS)
+    friend = rng.choice([f for f in FRIENDS if not f.startswith(("his", "her")) or f.startswith(his)])
+    fill = dict(name=name, P=_cap(he), him=him, his=his, obj=obj, friend=friend, Friend=_cap(friend))
+    value = rng.randint(a_lo, a_hi)
+    sentences, steps = [rng.choice(STARTS).format(a=value, **fill)], []
+    for _ in range(n_steps):
+        kinds = ["add", "sub"] + (["bags", "double"] if difficulty >= 3 else [])
+        kind = rng.choice(kinds)
+        if kind == "sub" and value <= b_lo:
+            kind = "add"
+        if kind == "add":
+            b = rng.randint(b_lo, b_hi)
+            sentences.append(rng.choice(ADDS).format(b=b, **fill))
+            steps.append(f"{value} + {b} = {value + b}")
+            value += b
+        elif kind == "sub":
+            b = rng.randint(b_lo, min(b_hi, value - 1))
+            sentences.append(rng.choice(SUBS).format(b=b, **fill))
+            steps.append(f"{value} - {b} = {value - b}")
+            value -= b
+        elif kind == "bags":
+            b, c = rng.randint(2, 6), rng.randint(2, 12)
+            sentences.append(rng.choice(BAGS).format(b=b, c=c, **fill))
+            steps.append(f"{b} x {c} = {b * c}, and {value} + {b * c} = {value + b * c}")
+            value += b * c
+        else:
+            sentences.append(rng.choice(DOUBLES).format(**fill))
+            steps.append(f"{value} x 2 = {value * 2}")
+            value *= 2
+    sentences.append(rng.choice(QUESTIONS).format(**fill))
+    return ArithProblem(" ".join(sentences), value, steps)
+
+
+def solution_text(p: ArithProblem) -> str:
+    """The worked solution: one line per step, then "The answer is N."."""
+    return "\n".join(f"{s}." for s in p.steps) + f"\nThe answer is {p.answer}."
+
+
+def split_of(question: str) -> str:
+    """train or test, fixed by the question text alone (stable across seeds and runs)."""
+    return "train" if hashlib.sha1(question.encode()).digest()[0] % 2 == 0 else "test"
+
+
+def generate(split: str, seed: int = 0, difficulty: int = 1, num: int = 1000):
+    """``num`` distinct problems of one split, deterministic in (seed, difficulty)."""
+    from esm_steer.data.tasks import DataError, Example
+
+    if split not in ("train", "test"):
+        raise DataError(f"task=arith has splits train and test, not {split!r}")
+    if difficulty not in LEVELS:
+        raise DataError(f"arith difficulty must be 1, 2 or 3, got {difficulty!r}")
+    if num < 1:
+        raise DataError(f"num_synthetic must be >= 1, got {num}")
+    rng = random.Random(f"esm-steer-arith-{seed}-{difficulty}")
+    out, seen = [], set()
+    for _ in range(200 * num):
+        p = make_problem(rng, difficulty)
+        if p.question in seen:
+            continue
+        seen.add(p.question)
+        if split_of(p.question) != split:
+            continue
+        out.append(
+            Example(
+                id=f"arith-d{difficulty}-{split}-{len(out)}",
+                question=p.question,
+                gold=str(p.answer),
+                solution=solution_text(p),
+                meta={"difficulty": difficulty, "steps": len(p.steps)},
+            )
+        )
+        if len(out) == num:
+            return out
+    raise DataError(f"arith: only {len(out)} distinct {split} problems at difficulty {difficulty}; lower num_synthetic")
