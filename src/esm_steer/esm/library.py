@@ -1,0 +1,135 @@
+"""The library: the steering tools chosen by Stage II (select), read by memory and online.
+
+A tool is one mined candidate (question q, control point m): its steering vector v, its
+quality Q, its key (mean mining state) and the mining states themselves (the memory's
+anchors). On disk, under ``<run dir>/library/``:
+
+- ``library.jsonl``        one line per tool: tool_id, question_id, m, Q, v_norm, n_states, meta
+- ``vectors/<tool_id>.pt`` v, float32 [d]
+- ``keys/<tool_id>.pt``    {"key": [d], "states": [n, d]}
+- ``meta.json``            model_id, steer_layer, hidden_size, created (+ how it was selected)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from esm_steer.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl, read_jsonl
+from esm_steer.runs import RunError
+
+log = logging.getLogger(__name__)
+
+LIBRARY_DIR = "library"
+
+
+def tool_id(i: int) -> str:
+    return f"t{i:04d}"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@dataclass
+class Tool:
+    tool_id: str
+    question_id: str
+    m: int
+    Q: float
+    vector: torch.Tensor  # [d] steering direction v (not normalised)
+    key: torch.Tensor  # [d] mean of the mining states
+    states: torch.Tensor  # [n, d] h at the last token before control point m, one per rollout
+    meta: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {
+            "tool_id": self.tool_id,
+            "question_id": self.question_id,
+            "m": int(self.m),
+            "Q": float(self.Q),
+            "v_norm": float(self.vector.norm()),
+            "n_states": int(self.states.shape[0]),
+            "meta": self.meta,
+        }
+
+
+class Library:
+    def __init__(self, tools: list[Tool], meta: dict):
+        self.tools = list(tools)
+        self.meta = dict(meta)
+        self._by_id = {t.tool_id: t for t in self.tools}
+
+    def __len__(self) -> int:
+        return len(self.tools)
+
+    def __iter__(self):
+        return iter(self.tools)
+
+    def by_id(self, tool_id: str) -> Tool:
+        try:
+            return self._by_id[tool_id]
+        except KeyError:
+            raise KeyError(f"no tool {tool_id!r} in the library ({len(self.tools)} tools)") from None
+
+    def top_by_q(self, n: int) -> list[Tool]:
+        """The n tools of highest Q (ties: question id, m), e.g. the no_memory ablation's pool."""
+        return sorted(self.tools, key=lambda t: (-t.Q, t.question_id, t.m))[:n]
+
+    # ------------------------------------------------------------ disk
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        """Write every file; library.jsonl goes last so a complete jsonl means a complete library."""
+        root = Path(run_dir) / LIBRARY_DIR
+        for t in self.tools:
+            atomic_torch_save(root / "vectors" / f"{t.tool_id}.pt", t.vector.detach().float().contiguous())
+            atomic_torch_save(
+                root / "keys" / f"{t.tool_id}.pt",
+                {"key": t.key.detach().float().contiguous(), "states": t.states.detach().float().contiguous()},
+            )
+        keep = {t.tool_id for t in self.tools}
+        for sub in ("vectors", "keys"):  # a rerun with a smaller B leaves no stale tools
+            for p in (root / sub).glob("*.pt"):
+                if p.stem not in keep:
+                    p.unlink()
+        atomic_write_json(root / "meta.json", self.meta)
+        atomic_write_jsonl(root / "library.jsonl", [t.record() for t in self.tools])
+        return root
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "Library":
+        root = Path(run_dir) / LIBRARY_DIR
+        jsonl = root / "library.jsonl"
+        if not jsonl.exists():
+            raise RunError(f"missing {jsonl} (made by esm-select; run it into this run dir first)")
+        meta = {}
+        if (root / "meta.json").exists():
+            import json
+
+            meta = json.loads((root / "meta.json").read_text())
+        tools = []
+        for r in read_jsonl(jsonl):
+            tid = r["tool_id"]
+            vpath, kpath = root / "vectors" / f"{tid}.pt", root / "keys" / f"{tid}.pt"
+            for p in (vpath, kpath):
+                if not p.exists():
+                    raise RunError(f"missing {p} (made by esm-select; rerun it into this run dir)")
+            keys = torch.load(kpath, map_location="cpu", weights_only=True)
+            tools.append(
+                Tool(
+                    tool_id=tid,
+                    question_id=str(r["question_id"]),
+                    m=int(r["m"]),
+                    Q=float(r["Q"]),
+                    vector=torch.load(vpath, map_location="cpu", weights_only=True),
+                    key=keys["key"],
+                    states=keys["states"],
+                    meta=r.get("meta", {}),
+                )
+            )
+        return cls(tools, meta)

@@ -1,0 +1,182 @@
+"""Stage III (memory): the index from mining states to library tools.
+
+One entry per (tool, mining state): every state at the tool's (q, m) — h at the last token
+before control point m of each rollout of P∪N — so a tool has several anchors (DESIGN.md §2).
+Keys are L2-normalised when ``offline_memory.normalize_keys``; inner-product search on them
+is cosine similarity (faiss ``IndexFlatIP``, exact).
+
+Files under ``<run dir>/memory/``: ``keys.npy`` (float32 [N, d]), ``entries.jsonl``
+(entry_id, tool_id, question_id, m, Q, state), ``meta.txt`` (``key: value`` lines: model,
+layer, d, N, normalised, created, T_max) and ``index.faiss``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from esm_steer.esm.library import Library, now_iso
+from esm_steer.io import atomic_save, atomic_write_jsonl, atomic_write_text, read_jsonl
+from esm_steer.runs import RunError, write_latest
+
+log = logging.getLogger(__name__)
+
+MEMORY_DIR = "memory"
+_META_TYPES = {"layer": int, "d": int, "N": int, "T_max": int}
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0).astype(np.float32)
+
+
+def _parse_meta(text: str) -> dict:
+    meta: dict = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        k, v = (s.strip() for s in line.split(":", 1))
+        if k in _META_TYPES:
+            meta[k] = _META_TYPES[k](v) if v not in ("", "None") else None
+        elif k == "normalised":
+            meta[k] = v.lower() in ("true", "1", "yes")
+        else:
+            meta[k] = v
+    return meta
+
+
+class Memory:
+    def __init__(self, keys: np.ndarray, entries: list[dict], meta: dict, index=None):
+        self.keys = np.ascontiguousarray(keys, dtype=np.float32)
+        self.entries = list(entries)
+        self.meta = dict(meta)
+        if len(self.entries) != len(self.keys):
+            raise ValueError(f"memory: {len(self.keys)} keys but {len(self.entries)} entries")
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def normalised(self) -> bool:
+        return bool(self.meta.get("normalised", False))
+
+    @property
+    def index(self):
+        if self._index is None:
+            import faiss
+
+            self._index = faiss.IndexFlatIP(self.keys.shape[1])
+            if len(self.keys):
+                self._index.add(self.keys)
+        return self._index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims [B, k] float32, idx [B, k] int64) by inner product; queries are normalised
+        here when the keys are (then sims are cosines). Missing hits: idx −1, sim −inf."""
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.shape[1] != self.keys.shape[1]:
+            raise ValueError(f"memory search: queries have d={q.shape[1]}, the memory d={self.keys.shape[1]}")
+        if self.normalised:
+            q = l2_normalise(q)
+        sims, idx = self.index.search(np.ascontiguousarray(q), int(k))
+        idx = idx.astype(np.int64)
+        sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
+        return sims, idx
+
+    # ------------------------------------------------------------ disk
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        import faiss
+
+        root = Path(run_dir) / MEMORY_DIR
+        atomic_save(root / "keys.npy", lambda p: np.save(p, self.keys))
+        atomic_write_jsonl(root / "entries.jsonl", self.entries)
+        atomic_save(root / "index.faiss", lambda p: faiss.write_index(self.index, p))
+        lines = [f"{k}: {v}" for k, v in self.meta.items()]
+        atomic_write_text(root / "meta.txt", "\n".join(lines) + "\n")  # last: marks a complete memory
+        return root
+
+    @classmethod
+    def load(
+        cls, run_dir: str | os.PathLike, model_id: str | None = None, steer_layer: int | None = None
+    ) -> "Memory":
+        """The memory of a run dir; refuses one built for another model or layer."""
+        root = Path(run_dir) / MEMORY_DIR
+        for name in ("meta.txt", "keys.npy", "entries.jsonl"):
+            if not (root / name).exists():
+                raise RunError(f"missing {root / name} (made by esm-memory; run it into this run dir first)")
+        meta = _parse_meta((root / "meta.txt").read_text())
+        model_ok = model_id is None or str(meta.get("model")) == str(model_id)
+        layer_ok = steer_layer is None or meta.get("layer") == int(steer_layer)
+        if not (model_ok and layer_ok):
+            raise RunError(
+                f"memory {root} was built for model {meta.get('model')} layer {meta.get('layer')}, "
+                f"not for model {model_id} layer {steer_layer}; rebuild it (esm-mine/select/memory) for this model"
+            )
+        keys = np.load(root / "keys.npy")
+        index = None
+        if (root / "index.faiss").exists():
+            import faiss
+
+            index = faiss.read_index(str(root / "index.faiss"))
+            if index.ntotal != len(keys):
+                log.warning("%s: index has %d vectors, keys.npy %d: rebuilding", root, index.ntotal, len(keys))
+                index = None
+        return cls(keys, read_jsonl(root / "entries.jsonl"), meta, index)
+
+
+def build_memory(library: Library, normalize_keys: bool = True, T_max: int | None = None) -> Memory:
+    """One entry per (tool, mining state)."""
+    rows, entries = [], []
+    for t in library.tools:
+        states = t.states.float().numpy()
+        for i, s in enumerate(states):
+            entries.append(
+                {
+                    "entry_id": len(entries),
+                    "tool_id": t.tool_id,
+                    "question_id": t.question_id,
+                    "m": int(t.m),
+                    "Q": float(t.Q),
+                    "state": i,
+                }
+            )
+            rows.append(s)
+    d = int(library.meta.get("hidden_size") or (library.tools[0].states.shape[1] if library.tools else 0))
+    keys = np.stack(rows).astype(np.float32) if rows else np.zeros((0, d), np.float32)
+    if normalize_keys:
+        keys = l2_normalise(keys)
+    meta = {
+        "model": library.meta.get("model_id"),
+        "layer": library.meta.get("steer_layer"),
+        "d": keys.shape[1],
+        "N": keys.shape[0],
+        "normalised": bool(normalize_keys),
+        "created": now_iso(),
+        "tools": len(library),
+        "T_max": T_max,
+    }
+    return Memory(keys, entries, meta)
+
+
+def run(cfg: DictConfig, run) -> None:
+    library = Library.load(run.dir)
+    if not len(library):
+        raise RunError(f"{run.dir}/library/library.jsonl has no tools; rerun esm-select")
+    memory = build_memory(library, bool(cfg.offline_memory.normalize_keys), int(cfg.decode.max_new_tokens))
+    memory.save(run.dir)
+    per_tool = len(memory) / len(library)
+    log.info(
+        "memory: %d entries from %d tools (%.1f states per tool), d=%d, normalised=%s, model %s layer %s",
+        len(memory), len(library), per_tool, memory.meta["d"], memory.normalised,
+        memory.meta["model"], memory.meta["layer"],
+    )  # fmt: skip
+    write_latest(run.dir)

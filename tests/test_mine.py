@@ -1,0 +1,331 @@
+"""Stage I (mine): v and Q by hand, P/N rules, keep_top_C, and a resumable run on a fake engine."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from esm_steer.config import ESMConfig
+from esm_steer.engine.base import EngineInfo, Sample
+from esm_steer.esm.mine import (
+    GOLD_SAMPLE_ID,
+    Candidate,
+    Trace,
+    choose_sets,
+    keep_top,
+    load_candidates,
+    mine,
+    question_candidates,
+    reward,
+)
+from esm_steer.io import read_jsonl
+from esm_steer.runs import RunError
+
+# ---------------------------------------------------------------- a controllable engine
+
+RESPONSES = [
+    "We add 2 and 3.\n\nThat gives 5.\n\nThe answer is 5.",
+    "Add them.\n\nThe answer is 5.",
+    "We add 2 and 3.\n\nThat gives 6.\n\nThe answer is 6.",
+    "Hmm.\n\nMaybe 4.\n\nOr 7.\n\nThe answer is 7.",
+    "The answer is 5.",
+]
+
+
+def is_correct(text: str, gold: str) -> bool:
+    return text.strip().endswith(f"answer is {gold}.")
+
+
+def pred(text: str) -> str:
+    return text.strip().rstrip(".").split()[-1]
+
+
+class KilledError(RuntimeError):
+    pass
+
+
+class FakeEngine:
+    """Rollouts drawn from RESPONSES by (prompt seed, sample index); hidden states are a fixed
+    function of the token ids, so reruns and resumes see the same numbers."""
+
+    def __init__(self, tokenizer, d: int = 8, fail_on_call: int | None = None, model_id: str = "fake-model"):
+        self.tokenizer = tokenizer
+        self.info = EngineInfo(model_id, 2, d, 1, "float32", "fake")
+        self.fail_on_call = fail_on_call
+        self.generate_calls = 0
+        self.hidden_calls = 0
+        self.freq = torch.linspace(0.01, 0.3, d, dtype=torch.float64)
+
+    def generate(self, prompts, spec, prompt_seeds=None):
+        self.generate_calls += 1
+        if self.fail_on_call is not None and self.generate_calls == self.fail_on_call:
+            raise KilledError("killed")
+        out = []
+        for i, p in enumerate(prompts):
+            seed = prompt_seeds[i] if prompt_seeds is not None else (spec.seed, i)
+            row = []
+            for j in range(spec.n):
+                text = random.Random(f"{seed}-{j}").choice(RESPONSES)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)[: spec.max_new_tokens]
+                row.append(Sample(ids, self.tokenizer.decode(ids), [0.0] * len(ids), "stop", len(p)))
+            out.append(row)
+        return out
+
+    def hidden_states(self, sequences, layer=None):
+        self.hidden_calls += 1
+        out = []
+        for seq in sequences:
+            t = torch.tensor(seq, dtype=torch.float64)
+            pos = torch.arange(len(seq), dtype=torch.float64)
+            out.append(torch.sin(t[:, None] * self.freq[None] + 0.1 * pos[:, None]).float())
+        return out
+
+    def close(self):
+        pass
+
+
+def make_cfg(**over):
+    cfg = OmegaConf.structured(ESMConfig)
+    base = {
+        "offline_mine.K": 6,
+        "offline_mine.K_pos": 3,
+        "offline_mine.K_neg": 3,
+        "offline_mine.max_new_tokens": 32,
+        "offline_mine.keep_top_C": 100,
+        "control_points.M": 3,
+        "model.batch_size": 12,  # 2 questions per generate call
+    }
+    base.update(over)
+    for k, v in base.items():
+        OmegaConf.update(cfg, k, v, merge=False)
+    return cfg
+
+
+def make_examples(n: int, solution: str | None = "2 plus 3.\n\nThe answer is 5."):
+    return [SimpleNamespace(id=f"q{i:02d}", question=f"What is 2 + 3? ({i})", gold="5", solution=solution) for i in range(n)]
+
+
+def run_mine(tmp_path, tokenizer, engine=None, examples=None, **over):
+    cfg = make_cfg(**over)
+    examples = examples or make_examples(8)
+    engine = engine or FakeEngine(tokenizer)
+    prompts = [tokenizer.encode(ex.question, add_special_tokens=False) for ex in examples]
+    return mine(cfg, tmp_path, engine, examples, prompts, is_correct, pred), engine
+
+
+# ---------------------------------------------------------------- v and Q by hand
+
+
+def test_v_key_and_Q_hand_computed():
+    # d = 2, prompt of 2 tokens; h rows are [prompt..., response...]
+    # P: one trace, response 4 tokens, control points at 0 and 2
+    hp = torch.tensor([[0, 0], [1, 1], [2, 0], [4, 0], [0, 2], [0, 4]], dtype=torch.float32)
+    p = Trace(reward=0.9, h=hp, prompt_len=2, offsets=[0, 2], length=4)
+    # N: two traces; n1 reaches m=1, n2 only m=0
+    hn1 = torch.tensor([[0, 0], [3, 3], [1, 1], [1, 1], [5, 5], [7, 7]], dtype=torch.float32)
+    n1 = Trace(reward=-0.2, h=hn1, prompt_len=2, offsets=[0, 2], length=4)
+    hn2 = torch.tensor([[0, 0], [1, 3], [6, 0], [0, 6]], dtype=torch.float32)
+    n2 = Trace(reward=-0.1, h=hn2, prompt_len=2, offsets=[0], length=2)
+
+    cands = question_candidates("q", [p], [n1, n2], M=3)
+    assert [c.m for c in cands] == [0, 1]
+    c0, c1 = cands
+    # m = 0: key = mean of last prompt tokens (1,1), (3,3), (1,3)
+    assert torch.allclose(c0.key, torch.tensor([5 / 3, 7 / 3]))
+    assert c0.states.shape == (3, 2)
+    # s(p,0) = mean((2,0),(4,0)) = (3,0); s(n1,0) = (1,1); s(n2,0) = mean((6,0),(0,6)) = (3,3)
+    assert torch.allclose(c0.vector, torch.tensor([3.0, 0.0]) - torch.tensor([2.0, 2.0]))
+    assert c0.Q == pytest.approx(0.9 - (-0.15))
+    assert (c0.n_pos, c0.n_neg) == (1, 2)
+    # m = 1: states at response token 1 (offset 2 - 1): p (4,0), n1 (1,1)
+    assert torch.allclose(c1.key, torch.tensor([2.5, 0.5]))
+    # s(p,1) = mean((0,2),(0,4)) = (0,3); s(n1,1) = (6,6); v not normalised
+    assert torch.allclose(c1.vector, torch.tensor([-6.0, -3.0]))
+    assert c1.Q == pytest.approx(0.9 - (-0.2))  # only n1 reaches m = 1
+    assert (c1.n_pos, c1.n_neg) == (1, 1)
+
+
+def test_reward_formula():
+    assert reward(True, 0, 100, 0.1) == pytest.approx(1.0)
+    assert reward(True, 50, 100, 0.1) == pytest.approx(0.95)
+    assert reward(False, 100, 100, 0.2) == pytest.approx(-0.2)
+
+
+def test_empty_segment_does_not_reach():
+    h = torch.zeros(3, 2)
+    t = Trace(0.0, h, prompt_len=3, offsets=[0], length=0)  # empty response
+    assert not t.reaches(0)
+
+
+# ---------------------------------------------------------------- P and N
+
+
+def _r(sid, correct, reward_):
+    return {"sample_id": sid, "correct": correct, "reward": reward_}
+
+
+def test_sets_pick_highest_R_positives_and_lowest_R_negatives():
+    rs = [_r(0, True, 0.9), _r(1, True, 0.95), _r(2, True, 0.8), _r(3, False, -0.1), _r(4, False, -0.05), _r(5, False, -0.2)]
+    P, N, why = choose_sets(rs, K_pos=2, K_neg=2)
+    assert why is None
+    assert [r["sample_id"] for r in P] == [1, 0]
+    assert [r["sample_id"] for r in N] == [5, 3]
+
+
+def test_skipping_rules():
+    all_right = [_r(i, True, 0.9) for i in range(4)]
+    all_wrong = [_r(i, False, -0.1) for i in range(4)]
+    assert choose_sets(all_right, 2, 2)[2] == "no incorrect rollout"
+    assert choose_sets(all_wrong, 2, 2)[2] == "no correct rollout"
+    # not required: ranked by R and split into halves (disjoint)
+    wrong = [_r(i, False, -0.01 * i) for i in range(4)]
+    P, N, why = choose_sets(wrong, 3, 3, require_both=False)
+    assert why is None
+    assert [r["sample_id"] for r in P] == [0, 1] and [r["sample_id"] for r in N] == [2, 3]
+    assert choose_sets([_r(0, False, 0.0)], 2, 2, require_both=False)[2] == "fewer than 2 rollouts"
+
+
+def test_pos_source_variants():
+    gold = {"sample_id": GOLD_SAMPLE_ID, "correct": True, "reward": 0.97}
+    mixed = [_r(0, True, 0.9), _r(1, False, -0.1)]
+    wrong = [_r(0, False, -0.1), _r(1, False, -0.2)]
+    # gold: the reference is the only positive, even when rollouts are correct
+    P, N, _ = choose_sets(mixed, 2, 2, "gold", gold)
+    assert P == [gold] and [r["sample_id"] for r in N] == [1]
+    assert choose_sets(mixed, 2, 2, "gold", None)[2] == "no gold solution"
+    # rollout_or_gold: correct rollouts when there are, else gold
+    P, _, _ = choose_sets(mixed, 2, 2, "rollout_or_gold", gold)
+    assert [r["sample_id"] for r in P] == [0]
+    P, N, why = choose_sets(wrong, 2, 2, "rollout_or_gold", gold)
+    assert why is None and P == [gold] and len(N) == 2
+    assert choose_sets(wrong, 2, 2, "rollout", gold)[2] == "no correct rollout"
+
+
+def test_keep_top_C_orders_by_Q_then_question_then_m():
+    z = torch.zeros(2)
+    mk = lambda q, m, Q: Candidate(q, m, Q, z, z, z[None], 1, 1)  # noqa: E731
+    cands = [mk("b", 0, 0.5), mk("a", 1, 0.5), mk("a", 0, 0.5), mk("c", 2, 0.9), mk("d", 0, 0.1)]
+    kept = keep_top(cands, 3)
+    assert [(c.question_id, c.m) for c in kept] == [("c", 2), ("a", 0), ("a", 1)]
+
+
+# ---------------------------------------------------------------- the stage on a fake engine
+
+
+def test_mine_writes_every_artifact(tmp_path, tokenizer):
+    summary, engine = run_mine(tmp_path, tokenizer)
+    d = tmp_path / "mine"
+    rollouts = read_jsonl(d / "rollouts.jsonl")
+    assert len(rollouts) == 8 * 6
+    r = rollouts[0]
+    assert set(r) >= {"question_id", "sample_id", "text", "tokens", "token_ids", "finish_reason", "correct", "reward", "pred"}
+    assert r["tokens"] == len(r["token_ids"])
+    assert r["reward"] == pytest.approx(float(r["correct"]) - 0.1 * r["tokens"] / 32)
+    cands = read_jsonl(d / "candidates.jsonl")
+    assert cands and len(cands) == summary["candidates_kept"]
+    assert set(cands[0]) >= {"id", "question_id", "m", "Q", "n_pos", "n_neg", "v_norm", "n_states"}
+    assert [c["Q"] for c in cands] == sorted((c["Q"] for c in cands), reverse=True)
+    for c in cands:
+        v = torch.load(d / "vectors" / f"{c['id']}.pt")
+        k = torch.load(d / "keys" / f"{c['id']}.pt")
+        assert v.shape == (8,) and k["key"].shape == (8,) and k["states"].shape == (c["n_states"], 8)
+        assert float(v.norm()) == pytest.approx(c["v_norm"], rel=1e-5)
+        assert torch.allclose(k["states"].mean(0), k["key"], atol=1e-6)
+        assert c["n_states"] == c["n_pos"] + c["n_neg"]
+    s = json.loads((d / "summary.json").read_text())
+    assert s["questions"] == 8 and sum(s["candidates_per_m"].values()) == len(cands)
+    assert s["questions_with_candidates"] + sum(s["skipped"].values()) == 8
+    assert engine.hidden_calls == s["questions_with_candidates"] + s["skipped"].get(
+        "no control point reached by both sets", 0
+    )  # one batched pass per question with both sets
+    loaded, meta = load_candidates(tmp_path)
+    assert [c.id for c in loaded] == [c["id"] for c in cands] and meta["model_id"] == "fake-model"
+
+
+def test_mine_keep_top_C_and_pos_source_gold(tmp_path, tokenizer):
+    summary, _ = run_mine(tmp_path / "a", tokenizer, **{"offline_mine.keep_top_C": 3})
+    assert summary["candidates_kept"] == 3 and summary["candidates_total"] > 3
+    summary, _ = run_mine(tmp_path / "b", tokenizer, **{"offline_mine.pos_source": "gold"})
+    cands = read_jsonl(tmp_path / "b" / "mine" / "candidates.jsonl")
+    assert cands and all(c["n_pos"] == 1 for c in cands)
+    # the gold positive is never written as a rollout
+    assert all(r["sample_id"] >= 0 for r in read_jsonl(tmp_path / "b" / "mine" / "rollouts.jsonl"))
+
+
+def test_mine_skips_questions_without_both_sets(tmp_path, tokenizer):
+    examples = make_examples(6)
+    examples[0].gold = "123"  # nothing is ever right
+    summary, _ = run_mine(tmp_path, tokenizer, examples=examples)
+    assert summary["skipped"].get("no correct rollout", 0) >= 1
+    assert "q00" not in {c["question_id"] for c in read_jsonl(tmp_path / "mine" / "candidates.jsonl")}
+
+
+def test_killed_mine_resumes_to_the_same_candidates(tmp_path, tokenizer):
+    full, _ = run_mine(tmp_path / "full", tokenizer)
+    with pytest.raises(KilledError):
+        run_mine(tmp_path / "cut", tokenizer, engine=FakeEngine(tokenizer, fail_on_call=3))
+    partial = read_jsonl(tmp_path / "cut" / "mine" / "rollouts.jsonl")
+    assert len(partial) == 2 * 2 * 6  # two calls of two questions
+    resumed_engine = FakeEngine(tokenizer)
+    resumed, _ = run_mine(tmp_path / "cut", tokenizer, engine=resumed_engine)
+    assert resumed_engine.generate_calls == 2  # only the 4 questions left
+    a = read_jsonl(tmp_path / "full" / "mine" / "rollouts.jsonl")
+    b = read_jsonl(tmp_path / "cut" / "mine" / "rollouts.jsonl")
+    keys = [(r["question_id"], r["sample_id"]) for r in b]
+    assert len(keys) == len(set(keys)) == 8 * 6  # no duplicated rollouts
+    assert a == b
+    ca = read_jsonl(tmp_path / "full" / "mine" / "candidates.jsonl")
+    cb = read_jsonl(tmp_path / "cut" / "mine" / "candidates.jsonl")
+    assert ca == cb
+    for c in ca:
+        va = torch.load(tmp_path / "full" / "mine" / "vectors" / f"{c['id']}.pt")
+        vb = torch.load(tmp_path / "cut" / "mine" / "vectors" / f"{c['id']}.pt")
+        assert torch.equal(va, vb)
+    assert {k: v for k, v in full.items() if "wall" not in k and "per_s" not in k and k != "rollouts_generated"} == {
+        k: v for k, v in resumed.items() if "wall" not in k and "per_s" not in k and k != "rollouts_generated"
+    }
+
+
+def test_rerun_completes_a_question_cut_mid_write(tmp_path, tokenizer):
+    run_mine(tmp_path / "full", tokenizer)
+    path = tmp_path / "full" / "mine" / "rollouts.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut" / "mine"
+    cut.mkdir(parents=True)
+    # 1.5 questions on disk and half a line: a kill inside one question's write
+    (cut / "rollouts.jsonl").write_text("".join(lines[:9]) + lines[9][:20])
+    run_mine(tmp_path / "cut", tokenizer)
+    order = lambda rs: sorted(rs, key=lambda r: (r["question_id"], r["sample_id"]))  # noqa: E731
+    assert order(read_jsonl(cut / "rollouts.jsonl")) == order(read_jsonl(path))
+    assert read_jsonl(cut / "candidates.jsonl") == read_jsonl(tmp_path / "full" / "mine" / "candidates.jsonl")
+
+
+def test_mine_refuses_rollouts_of_another_model(tmp_path, tokenizer):
+    run_mine(tmp_path, tokenizer, examples=make_examples(2))
+    with pytest.raises(RunError, match="fake-model.*other-model"):
+        run_mine(tmp_path, tokenizer, engine=FakeEngine(tokenizer, model_id="other-model"))
+
+
+# ---------------------------------------------------------------- a real (tiny) model
+
+
+def test_mine_with_tiny_hf_model(tmp_path, tokenizer, tiny_model):
+    engine_mod = pytest.importorskip("esm_steer.engine.hf")
+    engine = engine_mod.HFEngine(tiny_model, tokenizer, steer_layer=1, batch_size=8)
+    examples = make_examples(3)
+    calls = iter(range(10_000))
+    flip = lambda text, gold: next(calls) % 2 == 0  # noqa: E731 - half right, half wrong
+    cfg = make_cfg(**{"offline_mine.K": 4, "offline_mine.max_new_tokens": 12, "control_points.M": 2,
+                      "control_points.segment_delimiter": " "})  # fmt: skip
+    prompts = [tokenizer.encode(ex.question, add_special_tokens=False) for ex in examples]
+    summary = mine(cfg, tmp_path, engine, examples, prompts, flip, pred)
+    assert summary["rollouts"] == 12
+    cands = read_jsonl(tmp_path / "mine" / "candidates.jsonl")
+    assert cands, summary
+    v = torch.load(tmp_path / "mine" / "vectors" / f"{cands[0]['id']}.pt")
+    assert v.shape == (tiny_model.config.hidden_size,) and torch.isfinite(v).all()
