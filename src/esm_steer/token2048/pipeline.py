@@ -1,0 +1,87 @@
+"""esm-token2048: sample -> prepare -> continue -> select (``stage=all`` runs the four).
+
+Files go to ``<run dir>/<token2048.out_dir>/``. Every stage resumes: one whose output exists
+(with matching provenance) is skipped, and sample / continue redo only missing chunks.
+
+Several processes (one per GPU): run ``stage=sample`` then ``stage=prepare`` once, then
+``stage=continue token2048.shard_index=i token2048.num_shards=k`` per process in the same run
+dir (``outputs.run_id=<id>``), then ``stage=select``. With ``stage=all`` and k > 1, shard i
+stops after its continue chunks, and the last shard to finish merges and selects.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from esm_steer.runs import RunError
+from esm_steer.token2048 import schema
+from esm_steer.token2048.continue_ import run_continue
+from esm_steer.token2048.prepare import run_prepare
+from esm_steer.token2048.sample import run_sample
+from esm_steer.token2048.select import run_select
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sample", "prepare", "continue", "select")
+
+
+class _Lazy:
+    """Load the model only for the stages that generate, and only once for stage=all."""
+
+    def __init__(self, cfg, engine=None):
+        self.cfg, self._engine, self.owned = cfg, engine, False
+
+    def engine(self):
+        if self._engine is None:
+            from esm_steer.engine import load_engine
+
+            self._engine = load_engine(self.cfg.model, self.cfg.seed)
+            self.owned = True
+        return self._engine
+
+    def tokenizer(self):
+        if self._engine is not None:
+            return self._engine.tokenizer
+        from esm_steer.engine.loading import load_tokenizer, model_path
+
+        return load_tokenizer(model_path(self.cfg.model)[0])
+
+    def close(self) -> None:
+        if self.owned and self._engine is not None:
+            self._engine.close()
+
+
+def run(cfg, run, engine=None) -> dict | None:
+    """Run ``cfg.stage.name`` in ``run.dir``; returns select's summary when select ran."""
+    t = cfg.token2048
+    out = Path(run.dir) / t.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    stage = cfg.stage.name
+    todo = STAGES if stage == "all" else (stage,)
+    if stage not in STAGES + ("all",):
+        raise RunError(f"stage={stage!r} is not a token2048 stage: one of {', '.join(STAGES + ('all',))}")
+    if stage == "all" and t.num_shards > 1 and t.shard_index != 0 and not (out / schema.STAGE2).exists():
+        # two processes sampling at once would both do all of stage 1
+        raise RunError(
+            f"stage=all with token2048.shard_index={t.shard_index}: {out / schema.STAGE2} is missing; "
+            "run stage=sample and stage=prepare once (or shard 0 first)"
+        )
+    lazy = _Lazy(cfg, engine)
+    summary = None
+    try:
+        for s in todo:
+            log.info("token2048: stage %s (out: %s)", s, out)
+            if s == "sample":
+                run_sample(cfg, out, lazy.engine())
+            elif s == "prepare":
+                run_prepare(cfg, out, lazy.tokenizer())
+            elif s == "continue":
+                if not run_continue(cfg, out, lazy.engine()) and stage == "all":
+                    log.info("token2048: other shards still running; run stage=select once they are done")
+                    return None
+            else:
+                summary = run_select(cfg, out)
+    finally:
+        lazy.close()
+    return summary
