@@ -1,0 +1,131 @@
+"""Per-example eval records: building them from a generation, naming where they go, reading them.
+
+One record per (method, example) in ``eval/<tag>/per_example.jsonl``::
+
+    id, question, gold, response, pred, correct, finish_reason,
+    tokens_used, probe_tokens_used, budget_used, steps, wall_s [, method, token_ids, error]
+
+``steps`` is the online policy's per-control-point log ([] for greedy), made JSON-safe.
+``wall_s`` is this example's share of its chunk's generation time, so a resumed run still
+sums to the method's total generation time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from esm_steer.io import read_jsonl
+
+FINISH_ERROR = "error"  # generation raised; the record keeps the message in "error"
+RECORD_FIELDS = (
+    "id", "question", "gold", "response", "pred", "correct", "finish_reason",
+    "tokens_used", "probe_tokens_used", "budget_used", "steps",
+)  # fmt: skip
+ONLINE_METHODS = ("esm", "no_memory", "no_probing")  # methods that run the online policy
+
+
+def method_tag(method: str, t_max: int, tag: str | None = None) -> str:
+    """``<method>_T<T>``, prefixed by ``eval.tag`` when set."""
+    base = f"{method}_T{int(t_max)}"
+    return f"{tag}_{base}" if tag else base
+
+
+def per_example_path(run_dir: str | Path, tag: str) -> Path:
+    return Path(run_dir) / "eval" / tag / "per_example.jsonl"
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON types from tuples, numpy/torch scalars and arrays, dataclasses; NaN -> None."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return jsonable(dataclasses.asdict(x))
+    if hasattr(x, "tolist") and callable(x.tolist):  # numpy / torch scalars and arrays
+        return jsonable(x.tolist())
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    return x
+
+
+def build_record(
+    example,
+    response: str,
+    finish_reason: str,
+    tokens_used: int,
+    task: str,
+    probe_tokens_used: int = 0,
+    budget_used: int | None = None,
+    steps: Iterable[dict] | None = None,
+    wall_s: float = 0.0,
+    token_ids: list[int] | None = None,
+    error: str | None = None,
+    method: str | None = None,
+) -> dict:
+    """One per-example record; grading never raises (a broken response is simply wrong)."""
+    from esm_steer.data.grading import extract_answer, grade, kind_for_task
+
+    response = response or ""
+    try:
+        pred = extract_answer(response, kind_for_task(task)) if response.strip() else None
+        correct = bool(grade(response, example.gold, task))
+    except Exception as e:  # noqa: BLE001 - a grader bug must not end the run
+        pred, correct = None, False
+        error = error or f"grading failed: {type(e).__name__}: {e}"
+    rec = {
+        "id": str(example.id),
+        "question": example.question,
+        "gold": example.gold,
+        "response": response,
+        "pred": pred,
+        "correct": correct,
+        "finish_reason": finish_reason,
+        "tokens_used": int(tokens_used),
+        "probe_tokens_used": int(probe_tokens_used),
+        "budget_used": int(budget_used if budget_used is not None else tokens_used + probe_tokens_used),
+        "steps": jsonable(list(steps or [])),
+        "wall_s": float(wall_s),
+    }
+    if method is not None:
+        rec["method"] = method
+    if token_ids is not None:
+        rec["token_ids"] = [int(t) for t in token_ids]
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def record_from_sample(example, sample, task: str, **kw) -> dict:
+    """A greedy :class:`~esm_steer.engine.base.Sample` -> record (no probes, no steps)."""
+    return build_record(
+        example, sample.text, sample.finish_reason, len(sample.token_ids), task, token_ids=sample.token_ids, **kw
+    )
+
+
+def record_from_online(example, result, task: str, **kw) -> dict:
+    """An online policy ``OnlineResult`` -> record."""
+    return build_record(
+        example,
+        result.text,
+        result.finish_reason,
+        result.tokens_used,
+        task,
+        probe_tokens_used=result.probe_tokens_used,
+        budget_used=result.budget_used,
+        steps=result.steps,
+        token_ids=getattr(result, "token_ids", None),
+        **kw,
+    )
+
+
+def error_record(example, task: str, message: str, **kw) -> dict:
+    """A generation that raised: recorded as wrong so that the run goes on."""
+    return build_record(example, "", FINISH_ERROR, 0, task, error=message, **kw)
+
+
+def read_records(run_dir: str | Path, tag: str) -> list[dict]:
+    return read_jsonl(per_example_path(run_dir, tag))

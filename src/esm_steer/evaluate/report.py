@@ -1,0 +1,394 @@
+"""Everything eval writes from per-example records: tables, diagnostics, figures, case files.
+
+Pure functions of the records (lists of dicts as in :mod:`esm_steer.evaluate.records`), so
+they are tested on hand-made records and re-runnable on any ``per_example.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from esm_steer.io import atomic_save, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = [
+    "dataset", "model", "method", "T_max", "n", "accuracy", "ci_low", "ci_high",
+    "mean_tokens", "truncation_rate", "probe_overhead", "wall_s",
+    "delta_vs_greedy", "delta_ci_low", "delta_ci_high",
+]  # fmt: skip
+BASELINE = "greedy"
+Z95 = 1.959963984540054
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sane at 0, 1 and small n)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_bootstrap_delta(
+    a: Sequence[float], b: Sequence[float], samples: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """(mean(a) − mean(b), low, high): percentile CI from resampling example indices, the same
+    indices for both (paired: per-example correlation of the methods narrows the interval)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap needs equal lengths, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        return (math.nan, math.nan, math.nan)
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(samples, diff.size))
+    boot = diff[idx].mean(axis=1)
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return (float(diff.mean()), float(lo), float(hi))
+
+
+def paired_correct(recs_a: Sequence[dict], recs_b: Sequence[dict]) -> tuple[list[float], list[float]]:
+    """Correctness of the examples both methods answered, aligned by id."""
+    b_by_id = {r["id"]: r for r in recs_b}
+    ids = [r["id"] for r in recs_a if r["id"] in b_by_id]
+    a_by_id = {r["id"]: r for r in recs_a}
+    return [float(a_by_id[i]["correct"]) for i in ids], [float(b_by_id[i]["correct"]) for i in ids]
+
+
+def _is_truncated(r: dict) -> bool:
+    return r.get("finish_reason") == "length"
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """accuracy with its Wilson CI, mean tokens, truncation rate, probe overhead, wall s."""
+    n = len(records)
+    k = sum(bool(r["correct"]) for r in records)
+    lo, hi = wilson_ci(k, n)
+    used = sum(r["tokens_used"] for r in records)
+    probe = sum(r.get("probe_tokens_used", 0) for r in records)
+    return {
+        "n": n,
+        "accuracy": k / n if n else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "mean_tokens": used / n if n else math.nan,
+        "truncation_rate": sum(_is_truncated(r) for r in records) / n if n else math.nan,
+        "probe_overhead": probe / used if used else 0.0,
+        "wall_s": float(sum(r.get("wall_s", 0.0) for r in records)),
+    }
+
+
+# ---------------------------------------------------------------- tables
+
+
+def results_table(
+    by_method: Mapping[str, Sequence[dict]],
+    methods: Sequence[str],
+    dataset: str,
+    model: str,
+    t_max: int,
+    bootstrap_samples: int = 2000,
+    seed: int = 0,
+    delta_for: Sequence[str] = ("esm", "no_memory", "no_probing"),
+):
+    """One row per method (in order) with TABLE_COLUMNS; rows in ``delta_for`` also get the
+    paired bootstrap CI of accuracy − accuracy(greedy) when greedy ran."""
+    import pandas as pd
+
+    rows = []
+    for m in methods:
+        recs = by_method.get(m, [])
+        row: dict[str, Any] = {"dataset": dataset, "model": model, "method": m, "T_max": int(t_max)}
+        row.update(summarize(recs))
+        row.update(delta_vs_greedy=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan)
+        if m in delta_for and m != BASELINE and by_method.get(BASELINE):
+            a, b = paired_correct(recs, by_method[BASELINE])
+            d, lo, hi = paired_bootstrap_delta(a, b, bootstrap_samples, seed)
+            row.update(delta_vs_greedy=d, delta_ci_low=lo, delta_ci_high=hi)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def write_csv(df, path: str | Path) -> Path:
+    return atomic_save(path, lambda p: df.to_csv(p, index=False, float_format="%.6g"))
+
+
+def format_table(df) -> str:
+    """A compact fixed-width text table for the log."""
+    cols = ["method", "n", "accuracy", "ci_low", "ci_high", "mean_tokens", "truncation_rate",
+            "probe_overhead", "wall_s", "delta_vs_greedy", "delta_ci_low", "delta_ci_high"]  # fmt: skip
+    short = {"truncation_rate": "trunc", "probe_overhead": "probe/used", "mean_tokens": "tokens",
+             "delta_vs_greedy": "Δ_greedy", "delta_ci_low": "Δ_lo", "delta_ci_high": "Δ_hi",
+             "accuracy": "acc", "ci_low": "acc_lo", "ci_high": "acc_hi"}  # fmt: skip
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "-" if math.isnan(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    cols = [c for c in cols if c in df.columns]
+    cells = [[short.get(c, c) for c in cols]] + [[fmt(r[c]) for c in cols] for _, r in df.iterrows()]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(row, widths))) for row in cells]
+    if len(df):
+        r0 = df.iloc[0]
+        lines.insert(0, f"dataset={r0['dataset']}  model={r0['model']}  T_max={r0['T_max']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- diagnostics
+
+
+def _stats(values: Sequence[float]) -> dict:
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return {"mean": None, "median": None, "p90": None, "max": None}
+    return {
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "p90": float(np.quantile(v, 0.9)),
+        "max": float(v.max()),
+    }
+
+
+def diagnose(records: Sequence[dict]) -> dict:
+    """Per-method diagnostics: truncation, token and probe statistics, null rate (steps whose
+    choice is null / steps), retrieval similarities, gate hits, chosen tools."""
+    steps = [s for r in records for s in (r.get("steps") or [])]
+    sims = [float(x[1]) for s in steps for x in (s.get("retrieved") or []) if len(x) > 1 and x[1] is not None]
+    top1 = [float(s["retrieved"][0][1]) for s in steps if s.get("retrieved")]
+    used = sum(r["tokens_used"] for r in records)
+    probe = sum(r.get("probe_tokens_used", 0) for r in records)
+    n = len(records)
+    gates = Counter(str(s.get("gate")) for s in steps if s.get("gate") is not None)
+    chosen = Counter(str(s["chosen"]) for s in steps if s.get("chosen") is not None)
+    nulls = sum(s.get("chosen") is None for s in steps)
+    return {
+        "n": n,
+        "accuracy": sum(bool(r["correct"]) for r in records) / n if n else None,
+        "truncation_rate": sum(_is_truncated(r) for r in records) / n if n else None,
+        "errors": sum(r.get("finish_reason") == "error" for r in records),
+        "empty_responses": sum(not (r.get("response") or "").strip() for r in records),
+        "tokens": _stats(r["tokens_used"] for r in records),
+        "probe_tokens": _stats(r.get("probe_tokens_used", 0) for r in records),
+        "budget": _stats(r.get("budget_used", r["tokens_used"]) for r in records),
+        "probe_overhead": probe / used if used else 0.0,
+        "steps_total": len(steps),
+        "steps_per_example": len(steps) / n if n else None,
+        "null_steps": nulls,
+        "null_rate": nulls / len(steps) if steps else None,
+        "retrieval_sim": _stats(sims),
+        "retrieval_top1_sim": _stats(top1),
+        "gate_hits": dict(sorted(gates.items())),
+        "chosen_tools": dict(chosen.most_common(20)),
+    }
+
+
+def diagnostics_frame(diag: Mapping[str, dict]):
+    """One flat row per method (nested stats become ``tokens_mean``, ``gate_<name>`` ...)."""
+    import pandas as pd
+
+    rows = []
+    for method, d in diag.items():
+        row: dict[str, Any] = {"method": method}
+        for k, v in d.items():
+            if k == "chosen_tools":
+                continue
+            if k == "gate_hits":
+                row.update({f"gate_{g}": c for g, c in v.items()})
+            elif isinstance(v, dict):
+                row.update({f"{k}_{s}": x for s, x in v.items()})
+            else:
+                row[k] = v
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    gate_cols = [c for c in df.columns if c.startswith("gate_")]
+    df[gate_cols] = df[gate_cols].fillna(0).astype(int)
+    return df
+
+
+def write_diagnostics(by_method: Mapping[str, Sequence[dict]], out_dir: str | Path, t_max: int, extra: dict | None = None):
+    diag = {m: diagnose(r) for m, r in by_method.items()}
+    out_dir = Path(out_dir)
+    write_csv(diagnostics_frame(diag), out_dir / f"diagnostics_T{t_max}.csv")
+    atomic_write_json(out_dir / f"diagnostics_T{t_max}.json", {"T_max": t_max, **(extra or {}), "methods": diag})
+    return diag
+
+
+# ---------------------------------------------------------------- figures
+
+
+def tokens_histogram(by_method: Mapping[str, Sequence[dict]], out_dir: str | Path, t_max: int) -> list[Path]:
+    """Histogram of tokens_used per method (pdf + png), T_max marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(0, max(t_max, 1), min(40, max(t_max, 1)) + 1)
+    for m, recs in by_method.items():
+        ax.hist([r["tokens_used"] for r in recs], bins=bins, histtype="step", linewidth=1.5, label=f"{m} (n={len(recs)})")
+    ax.axvline(t_max, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("tokens used (kept)")
+    ax.set_ylabel("examples")
+    ax.set_title(f"Response length, T_max={t_max}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir = Path(out_dir)
+    paths = [atomic_save(out_dir / f"tokens_hist_T{t_max}.{ext}", lambda p: fig.savefig(p)) for ext in ("pdf", "png")]
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------- case files
+
+
+def _tool(t: Any) -> str:
+    if t is None:
+        return "null"
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+        return f"t{int(t):04d}"
+    return str(t)
+
+
+def _num(x: Any, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, (float, int, np.floating)) else str(x)
+
+
+def marker(step: dict) -> str:
+    """``⟦m=1 → t0003 ×0.42⟧`` (or ``⟦m=1 → null⟧``) for one control point."""
+    if step.get("chosen") is None:
+        return f"⟦m={step.get('m')} → null⟧"
+    scale = step.get("scale")
+    return f"⟦m={step.get('m')} → {_tool(step['chosen'])}" + (f" ×{scale:.2f}⟧" if scale is not None else "⟧")
+
+
+def mark_response(response: str, steps: Sequence[dict], char_offsets: Sequence[int]) -> str:
+    """The response with each step's marker inserted at its char offset (steps in order)."""
+    out, prev = [], 0
+    for step, off in sorted(zip(steps, char_offsets), key=lambda x: x[1]):
+        off = max(prev, min(int(off), len(response)))
+        out += [response[prev:off], marker(step)]
+        prev = off
+    out.append(response[prev:])
+    return "".join(out)
+
+
+def steps_table(steps: Sequence[dict], max_retrieved: int = 3) -> str:
+    """A markdown table of control points: gate, retrieved tools, candidate scores, choice."""
+    if not steps:
+        return "_no control points_\n"
+    lines = ["| m | offset | gate | retrieved (tool:sim) | candidates (tool: Â / logprob / score) | chosen | scale |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in steps:
+        ret = ", ".join(f"{_tool(t[0])}:{_num(t[1], 2)}" for t in (s.get("retrieved") or [])[:max_retrieved])
+        more = len(s.get("retrieved") or []) - max_retrieved
+        ret += f" (+{more})" if more > 0 else ""
+        cands = "; ".join(
+            f"{_tool(c.get('tool'))}: {_num(c.get('A_hat'))} / {_num(c.get('logprob'))} / {_num(c.get('score'))}"
+            for c in (s.get("candidates") or [])
+        )
+        lines.append(
+            f"| {s.get('m')} | {s.get('offset', '-')} | {s.get('gate', '-')} | {ret or '-'} | {cands or '-'} "
+            f"| {_tool(s.get('chosen'))} | {_num(s.get('scale'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fence(text: str) -> str:
+    fence = "```"
+    while fence in (text or ""):
+        fence += "`"
+    return f"{fence}text\n{text}\n{fence}\n"
+
+
+def improved_regressed(
+    base: Sequence[dict], treat: Sequence[dict]
+) -> tuple[list[tuple[dict, dict]], list[tuple[dict, dict]]]:
+    """(improved, regressed) pairs (base record, treated record): base wrong and treated
+    right, and the reverse; in base order."""
+    by_id = {r["id"]: r for r in treat}
+    improved, regressed = [], []
+    for b in base:
+        t = by_id.get(b["id"])
+        if t is None or bool(b["correct"]) == bool(t["correct"]):
+            continue
+        (improved if t["correct"] else regressed).append((b, t))
+    return improved, regressed
+
+
+def cases_markdown(
+    base: Sequence[dict], treat: Sequence[dict], t_max: int, max_cases: int = 5, base_name: str = "greedy",
+    treat_name: str = "esm",
+) -> str:  # fmt: skip
+    improved, regressed = improved_regressed(base, treat)
+    parts = [
+        f"# Cases: {treat_name} vs {base_name}, T_max={t_max}\n",
+        f"{len(improved)} improved ({base_name} wrong, {treat_name} right), {len(regressed)} regressed "
+        f"({base_name} right, {treat_name} wrong) of {len(base)} examples; up to {max_cases} of each below.\n",
+    ]
+    for title, pairs in (("Improved", improved), ("Regressed", regressed)):
+        parts.append(f"\n## {title} ({len(pairs)})\n")
+        if not pairs:
+            parts.append("_none_\n")
+        for b, t in pairs[:max_cases]:
+            parts.append(f"\n### {b['id']}\n\n**Question**\n\n{_fence(b['question'])}\n**Gold:** `{b['gold']}`\n")
+            for name, r in ((base_name, b), (treat_name, t)):
+                parts.append(
+                    f"\n**{name}** — pred `{r.get('pred')}`, {'correct' if r['correct'] else 'wrong'}, "
+                    f"{r['tokens_used']} tokens (+{r.get('probe_tokens_used', 0)} probe), finish={r['finish_reason']}\n\n"
+                    + _fence(r["response"])
+                )
+            parts.append(f"\n{treat_name} steps:\n\n" + steps_table(t.get("steps") or []))
+    return "".join(parts)
+
+
+def write_cases(base, treat, out_path: str | Path, t_max: int, max_cases: int = 5) -> Path:
+    return atomic_write_text(out_path, cases_markdown(base, treat, t_max, max_cases))
+
+
+def case_markdown(
+    examples: Sequence,
+    by_method: Mapping[str, Mapping[str, dict]],
+    char_offsets: Mapping[tuple[str, str], Sequence[int]],
+    t_max: int,
+    title: str = "Case study",
+) -> str:
+    """Per example and method: the response with every control point marked at its place,
+    then the steps (retrieved tools, candidate scores, choice). ``by_method[m][id]`` is a
+    record; ``char_offsets[(m, id)]`` the char position of each of its steps."""
+    parts = [f"# {title}, T_max={t_max}\n\nMethods: {', '.join(by_method)}. Markers: "
+             "`⟦m=<control point> → <tool> ×<scale>⟧` where the tool's vector starts being injected "
+             "(`null`: no steering for that segment).\n"]  # fmt: skip
+    for ex in examples:
+        eid = str(ex.id)
+        parts.append(f"\n## {eid}\n\n**Question**\n\n{_fence(ex.question)}\n**Gold:** `{ex.gold}`\n")
+        for m, recs in by_method.items():
+            r = recs.get(eid)
+            if r is None:
+                parts.append(f"\n### {m}\n\n_no record_\n")
+                continue
+            steps = r.get("steps") or []
+            text = mark_response(r["response"], steps, char_offsets.get((m, eid), [len(r["response"])] * len(steps)))
+            err = f", error: {r['error']}" if r.get("error") else ""
+            parts.append(
+                f"\n### {m}\n\npred `{r.get('pred')}`, **{'correct' if r['correct'] else 'wrong'}**, "
+                f"{r['tokens_used']} tokens + {r.get('probe_tokens_used', 0)} probe = {r.get('budget_used', r['tokens_used'])} "
+                f"budget, finish={r['finish_reason']}{err}\n\n" + _fence(text)
+            )
+            if m != BASELINE or steps:
+                parts.append("\n" + steps_table(steps, max_retrieved=8))
+    return "".join(parts)
