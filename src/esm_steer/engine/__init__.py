@@ -6,6 +6,8 @@ the ``Engine`` and ``DecodeBatch`` protocols.
 
 from __future__ import annotations
 
+import importlib.util
+
 from esm_steer.engine.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -27,10 +29,9 @@ def load_engine(model_cfg, seed: int = 0) -> Engine:
 
         return HFEngine.from_config(model_cfg, seed=seed)
     if backend == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as e:
-            raise ImportError(VLLM_MISSING) from e
+        # find_spec, not import: vLLM reads its environment at import (set by from_config)
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError(VLLM_MISSING)
         from esm_steer.engine.vllm_backend import VLLMEngine
 
         return VLLMEngine.from_config(model_cfg, seed=seed)

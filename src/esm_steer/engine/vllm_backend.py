@@ -1,0 +1,229 @@
+"""vLLM backend for unsteered sampling (Stage I rollouts, token-2048 stages, greedy eval).
+
+Imported lazily (``model.backend=vllm``); vLLM is an optional dependency. What differs from
+the HF backend:
+
+- Steering, hidden states and step-level decoding are HF-only (``start`` and
+  ``hidden_states`` raise). vLLM's compiled mode ignores late forward hooks.
+- Randomness: vLLM is seeded once, on the engine (a per-request ``SamplingParams(seed=)``
+  with chunked prefill kills the CPU engine). Samples are reproducible for the same call
+  sequence, but a prompt's samples depend on the other requests in the run, and
+  ``prompt_seeds`` / ``spec.seed`` are not honoured per request.
+- A GGUF model is served from its cached safetensors conversion (no GGUF loader here).
+- n samples per prompt are one request (``SamplingParams(n)``) with prefix caching, so the
+  prompt is prefilled once.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, EngineInfo, Sample, SamplingSpec
+
+log = logging.getLogger(__name__)
+
+HF_ONLY = "{what} needs the HF backend (model.backend=hf): vLLM serves unsteered sampling only"
+
+
+def _set_vllm_env(cache_dir: str | None) -> None:
+    """Environment vLLM reads at import time: set before the first ``import vllm``."""
+    from esm_steer.engine.loading import default_cache_dir
+
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(cache_dir or default_cache_dir()) / "vllm"))
+    if not torch.cuda.is_available():
+        # in-process engine on CPU: faster than the multiprocess default (250 vs 160 tok/s)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+class VLLMEngine:
+    """vLLM backend (implements ``base.Engine`` minus hidden states)."""
+
+    def __init__(self, llm, tokenizer, info: EngineInfo, seed: int = 0, eos_token_ids: set[int] | None = None):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.info = info
+        self.seed = int(seed)
+        if eos_token_ids is None:
+            eos_token_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+        self.eos_token_ids = set(eos_token_ids)
+        self._warned_seed = False
+
+    @classmethod
+    def from_config(cls, model_cfg, seed: int = 0) -> "VLLMEngine":
+        from transformers import AutoConfig
+
+        from esm_steer.engine.loading import load_tokenizer, model_path
+
+        _set_vllm_env(getattr(model_cfg, "cache_dir", None))
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            from esm_steer.engine import VLLM_MISSING
+
+            raise ImportError(VLLM_MISSING) from e
+
+        path, model_id = model_path(model_cfg)  # GGUF -> converted safetensors folder
+        trust = bool(getattr(model_cfg, "trust_remote_code", False))
+        hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        num_layers = int(hf_cfg.num_hidden_layers)
+        steer = model_cfg.steer_layer
+        info = EngineInfo(
+            model_id=model_id,
+            num_layers=num_layers,
+            hidden_size=int(hf_cfg.hidden_size),
+            steer_layer=num_layers // 2 if steer is None else int(steer),
+            dtype=str(model_cfg.dtype),
+            backend="vllm",
+        )
+        log.info("starting vLLM on %s (%s)", model_id, model_cfg.dtype)
+        llm = LLM(
+            model=path,
+            tokenizer=path,
+            seed=int(seed),
+            dtype=str(model_cfg.dtype),
+            enable_prefix_caching=True,
+            gpu_memory_utilization=float(model_cfg.gpu_memory_utilization),
+            max_model_len=int(model_cfg.max_model_len),
+            max_num_seqs=int(model_cfg.max_num_seqs),
+            tensor_parallel_size=int(model_cfg.tensor_parallel_size),
+            enforce_eager=bool(model_cfg.enforce_eager),
+            trust_remote_code=trust,
+        )
+        tokenizer = load_tokenizer(path)
+        return cls(llm, tokenizer, info, seed=seed, eos_token_ids=_eos_ids(path, tokenizer))
+
+    def close(self) -> None:
+        self.llm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode_messages(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(self, user: str, system: str | None = None) -> list[int]:
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": user})
+        return self.encode_messages(messages)
+
+    # ------------------------------------------------------------------ generation
+
+    def _sampling_params(self, spec: SamplingSpec, n: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            temperature=0.0 if spec.greedy else float(spec.temperature),
+            top_p=1.0 if spec.greedy else float(spec.top_p),
+            max_tokens=int(spec.max_new_tokens),
+            stop=list(spec.stop) or None,
+            logprobs=0,  # the sampled token's logprob only
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        spec: SamplingSpec,
+        prompt_seeds: Sequence[int] | None = None,
+    ) -> list[list[Sample]]:
+        """spec.n samples per prompt; one request per prompt. Seeds: see the module doc."""
+        from vllm.inputs import TokensPrompt
+
+        if (prompt_seeds is not None or spec.seed is not None) and not spec.greedy and not self._warned_seed:
+            log.warning("vLLM backend: per-prompt seeds are ignored; the engine is seeded once (seed=%d)", self.seed)
+            self._warned_seed = True
+        if not prompts:
+            return []
+        if spec.max_new_tokens <= 0 or spec.n <= 0:
+            return [[Sample([], "", [], FINISH_LENGTH, len(p)) for _ in range(max(spec.n, 0))] for p in prompts]
+        # greedy samples are identical: one sequence, copied
+        n_req = 1 if spec.greedy else spec.n
+        params = self._sampling_params(spec, n_req)
+        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for p, out in zip(prompts, outputs):
+            samples = [self._to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
+            if n_req != spec.n:
+                samples = [_copy(samples[0]) for _ in range(spec.n)]
+            results.append(samples)
+        return results
+
+    def _to_sample(self, completion, num_prompt_tokens: int) -> Sample:
+        ids = [int(t) for t in completion.token_ids]
+        lps = [_token_logprob(entry, t) for entry, t in zip(completion.logprobs or [], ids)]
+        reason = completion.finish_reason
+        # vLLM keeps the EOS token in token_ids; the HF backend (and the protocol) drop it
+        if reason == "stop" and ids and ids[-1] in self.eos_token_ids and not isinstance(completion.stop_reason, str):
+            ids, lps = ids[:-1], lps[: len(ids) - 1]
+        return Sample(
+            token_ids=ids,
+            text=completion.text,
+            logprobs=lps,
+            finish_reason=FINISH_STOP if reason == "stop" else FINISH_LENGTH,
+            num_prompt_tokens=num_prompt_tokens,
+        )
+
+    def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0.0)
+        todo = [i for i, s in enumerate(sequences) if len(s) >= 2]
+        out: list[list[float]] = [[] for _ in sequences]
+        if not todo:
+            return out
+        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in sequences[i]]) for i in todo]
+        for i, res in zip(todo, self.llm.generate(requests, params, use_tqdm=False)):
+            seq = sequences[i]
+            entries = res.prompt_logprobs or []
+            # entries[0] is None (no context for the first token)
+            out[i] = [_token_logprob(entries[t], int(seq[t])) for t in range(1, len(seq))]
+        return out
+
+    # ------------------------------------------------------------------ HF-only parts
+
+    def hidden_states(self, sequences, layer=None):
+        raise NotImplementedError(HF_ONLY.format(what="hidden_states (mining keys and vectors)"))
+
+    def start(self, *args, **kwargs):
+        raise NotImplementedError(HF_ONLY.format(what="step-level decoding (steering, forks, control points)"))
+
+
+def _eos_ids(path: str, tokenizer) -> set[int]:
+    """EOS of the tokenizer plus the generation config's (what vLLM stops on)."""
+    from transformers import GenerationConfig
+
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    try:
+        extra = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        extra = None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(t) for t in extra)
+    return ids
+
+
+def _token_logprob(entry, token: int) -> float:
+    """The logprob of `token` from one position's {token_id: Logprob} entry."""
+    if entry is None:
+        return float("nan")
+    lp = entry[token] if token in entry else next(iter(entry.values()))
+    return float(getattr(lp, "logprob", lp))
+
+
+def _copy(s: Sample) -> Sample:
+    return Sample(list(s.token_ids), s.text, list(s.logprobs), s.finish_reason, s.num_prompt_tokens)
