@@ -171,3 +171,72 @@ def test_slurm_launcher_composes_without_a_cluster(tmp_path):
     assert "gpus_per_node: ${oc.select:launch.slurm.gpus_per_node,1}" in out.stdout
     assert not called.exists()
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.fixture
+def multirun_job(tmp_path, monkeypatch, no_claim):
+    """A composed config with Hydra's runtime set as in job 0 of a multirun under tmp_path."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    for var in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "VLLM_WORKER_MULTIPROC_METHOD", "SUBMITIT_EXECUTOR", "SLURM_JOB_ID", "OMP_WAIT_POLICY",
+                "CUDA_DEVICE_ORDER"):  # fmt: skip
+        monkeypatch.setenv(var, "")  # records the original value: restored after the test
+        monkeypatch.delenv(var)
+
+    def make(overrides: list[str]):
+        cfg = _compose(overrides)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(tmp_path)
+            cfg.hydra.runtime.output_dir = str(tmp_path / "0")
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield make
+    HydraConfig.instance().cfg = None
+
+
+def test_prepare_job_claims_gpu_and_records_it(tmp_path, multirun_job):
+    cfg = multirun_job(['launch.gpus="5,6"'])
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "error.txt").write_text("old failure\n")  # from a previous attempt
+    assert launch.prepare_job(cfg) == "5"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert (tmp_path / "0" / "gpu.txt").read_text().strip() == "5"
+    assert (tmp_path / ".gpu_locks" / "gpu5.lock").exists()
+    assert not (tmp_path / "0" / "error.txt").exists()
+    assert launch.prepare_job(cfg) == "5"  # the next job of this worker keeps it
+
+
+def test_prepare_job_cpu_one_thread_per_job(tmp_path, multirun_job):
+    cfg = multirun_job(['launch.gpus=""', "launch.cpu_jobs=2"])
+    assert launch.prepare_job(cfg) is None
+    assert os.environ["OMP_NUM_THREADS"] == "1" and cfg.model.num_threads == 1
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert (tmp_path / "0" / "gpu.txt").read_text().strip() == "cpu"
+    cfg = multirun_job(['launch.gpus=""'])  # one job at a time: threads left alone
+    os.environ.pop("OMP_NUM_THREADS")
+    launch.prepare_job(cfg)
+    assert "OMP_NUM_THREADS" not in os.environ and cfg.model.num_threads is None
+
+
+def test_prepare_job_under_slurm_uses_slurms_gpu(tmp_path, multirun_job, monkeypatch):
+    cfg = multirun_job(['launch.gpus="0,1"'])
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert launch.prepare_job(cfg) is None and launch.current_gpu() is None
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert (tmp_path / "0" / "gpu.txt").read_text().strip() == "3"
+
+
+def test_prepare_job_outside_multirun_does_nothing(tmp_path):
+    from omegaconf import OmegaConf
+
+    assert launch.prepare_job(OmegaConf.create({"launch": {"gpus": "0"}})) is None
+    assert launch.current_gpu() is None

@@ -203,11 +203,12 @@ def prepare_job(cfg: DictConfig) -> Optional[str]:
 
     gpus = parse_gpus(OmegaConf.select(cfg, "launch.gpus"))
     job = f"job {hc.job.num}"
-    if gpus and "SLURM_JOB_ID" in os.environ:
-        log.info("%s: Slurm job %s, GPU from Slurm (CUDA_VISIBLE_DEVICES=%s); launch.gpus ignored",
-                 job, os.environ["SLURM_JOB_ID"], os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-        gpu: Optional[str] = None
-        what = "slurm:" + os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    gpu: Optional[str] = None
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # hydra/launcher=slurm: Slurm assigned the GPU
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        what = visible or "cpu"
+        log.info("%s: Slurm job %s, CUDA_VISIBLE_DEVICES=%s%s", job, os.environ.get("SLURM_JOB_ID", "?"), visible or "(none)",
+                 " (launch.gpus ignored)" if gpus else "")  # fmt: skip
     elif gpus:
         wait_s = float(OmegaConf.select(cfg, "launch.gpu_wait_s", default=DEFAULT_WAIT_S))
         lock_dir = Path(str(hc.sweep.dir)) / LOCK_DIR
@@ -217,7 +218,6 @@ def prepare_job(cfg: DictConfig) -> Optional[str]:
         what = gpu
         log.info("%s: GPU %s (%s, worker pid %d)", job, gpu, "kept" if had else "claimed", os.getpid())
     else:
-        gpu = None
         cpu_jobs = int(OmegaConf.select(cfg, "launch.cpu_jobs", default=1) or 1)
         if cpu_jobs > 1:
             one_thread_per_job(cfg)
