@@ -329,3 +329,14 @@ def test_mine_with_tiny_hf_model(tmp_path, tokenizer, tiny_model):
     assert cands, summary
     v = torch.load(tmp_path / "mine" / "vectors" / f"{cands[0]['id']}.pt")
     assert v.shape == (tiny_model.config.hidden_size,) and torch.isfinite(v).all()
+
+
+def test_mine_refuses_rollouts_of_another_sampling_config(tmp_path, tokenizer):
+    run_mine(tmp_path, tokenizer, examples=make_examples(2))
+    with pytest.raises(RunError, match=r"offline_mine.max_new_tokens=32, not 16"):
+        run_mine(tmp_path, tokenizer, examples=make_examples(2), **{"offline_mine.max_new_tokens": 16})
+    # the reward is recomputed with this run's length_penalty; the delimiter and M may change too
+    before = read_jsonl(tmp_path / "mine" / "candidates.jsonl")
+    run_mine(tmp_path, tokenizer, examples=make_examples(2), **{"offline_mine.length_penalty": 0.5})
+    after = read_jsonl(tmp_path / "mine" / "candidates.jsonl")
+    assert [c["Q"] for c in before] != [c["Q"] for c in after]

@@ -281,6 +281,8 @@ def mine_candidates(engine, examples: Sequence, prompts: Sequence[list[int]], ro
     C = int(om.keep_top_C)
     for ex, prompt in tqdm(list(zip(examples, prompts)), desc="mine candidates", unit="q", dynamic_ncols=True):
         recs = sorted(by_q.get(str(ex.id), []), key=lambda r: r["sample_id"])
+        # R from (correct, tokens) with this run's length_penalty, not the one stored at sampling
+        recs = [{**r, "reward": reward(r["correct"], r["tokens"], om.max_new_tokens, om.length_penalty)} for r in recs]
         if not recs:
             skipped["no rollouts"] += 1
             continue
@@ -367,21 +369,42 @@ def load_candidates(run_dir: str | Path) -> tuple[list[Candidate], dict]:
 # ---------------------------------------------------------------- the stage
 
 
-def _check_model(mine_dir: Path, info) -> None:
-    """A rerun into a run dir whose rollouts came from another model would mix them."""
+def _sampling_config(cfg: DictConfig) -> dict:
+    """The config keys that decide what a rollout is: a rerun must not mix two of them."""
+    return {
+        "seed": int(cfg.seed),
+        "task.dataset": str(cfg.task.dataset),
+        "prompt.template": str(cfg.prompt.template),
+        "prompt.system": cfg.prompt.system,
+        "offline_mine.max_new_tokens": int(cfg.offline_mine.max_new_tokens),
+        "decode.temperature": float(cfg.decode.temperature),
+        "decode.top_p": float(cfg.decode.top_p),
+    }
+
+
+def _check_resume(mine_dir: Path, info, cfg: DictConfig) -> None:
+    """A rerun into a run dir whose rollouts came from another model or another sampling
+    config would mix them: refuse in one line naming both."""
     import json
 
     meta_path = mine_dir / "meta.json"
-    if meta_path.exists():
+    sampling = _sampling_config(cfg)
+    if meta_path.exists() and (mine_dir / "rollouts.jsonl").exists():
         old = json.loads(meta_path.read_text())
         if old.get("model_id") != info.model_id:
             raise RunError(
                 f"{mine_dir} holds rollouts of model {old.get('model_id')}, not of model {info.model_id}; "
                 "use another outputs.run_id"
             )
+        for k, v in (old.get("sampling") or {}).items():
+            if sampling.get(k) != v:
+                raise RunError(
+                    f"{mine_dir}/rollouts.jsonl was sampled with {k}={v!r}, not {sampling.get(k)!r}; "
+                    "use another outputs.run_id"
+                )
     atomic_write_json(
         meta_path,
-        {"model_id": info.model_id, "steer_layer": info.steer_layer, "hidden_size": info.hidden_size},
+        {"model_id": info.model_id, "steer_layer": info.steer_layer, "hidden_size": info.hidden_size, "sampling": sampling},
     )
 
 
@@ -401,7 +424,7 @@ def mine(
     if is_correct is None or pred is None:
         g_correct, g_pred = common.grader(cfg.task.dataset)
         is_correct, pred = is_correct or g_correct, pred or g_pred
-    _check_model(mine_dir, engine.info)
+    _check_resume(mine_dir, engine.info, cfg)
 
     appender = JsonlAppender(mine_dir / "rollouts.jsonl", key=_rollout_key)
     timing = sample_rollouts(engine, examples, prompts, cfg, appender, is_correct, pred)
