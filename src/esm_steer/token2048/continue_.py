@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-from itertools import groupby
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tqdm.auto import tqdm
 
@@ -34,13 +36,22 @@ FINISH_PREFIX = "prefix_finished"
 FINISH_ERROR = "error"
 
 
-def load_stage2(cfg, out: Path) -> tuple[list[dict], int]:
-    """Stage-2 rows sorted by (question_id, sample_id), and the number of chunks."""
+def load_stage2(cfg, out: Path) -> tuple[pa.Table, int]:
+    """The stage-2 table (rows become Python objects one chunk at a time: a seed-sized stage 2
+    holds 8000 × ~2k token ids) and the number of chunks."""
     src = out / schema.STAGE2
     schema.require(src, stage1_meta(cfg))
-    rows = sorted(schema.read(src).to_pylist(), key=lambda r: (r["question_id"], r["sample_id"]))
-    n_questions = max(r["question_id"] for r in rows) + 1 if rows else 0
-    return rows, shards.num_chunks(n_questions, cfg.token2048.questions_per_shard)
+    tbl = schema.read(src)
+    qids = tbl.column("question_id")
+    n_questions = pc.max(qids).as_py() + 1 if len(tbl) else 0
+    return tbl, shards.num_chunks(n_questions, cfg.token2048.questions_per_shard)
+
+
+def chunk_rows(tbl: pa.Table, chunk: int, per_shard: int) -> list[dict]:
+    """Stage-2 rows of one chunk, sorted by (question_id, sample_id)."""
+    q = tbl.column("question_id")
+    mask = pc.and_(pc.greater_equal(q, chunk * per_shard), pc.less(q, (chunk + 1) * per_shard))
+    return sorted(tbl.filter(mask).to_pylist(), key=lambda r: (r["question_id"], r["sample_id"]))
 
 
 def continue_chunk(cfg, engine, rows: list[dict], desc: str) -> tuple[list[dict], int]:
@@ -100,12 +111,11 @@ def continue_chunk(cfg, engine, rows: list[dict], desc: str) -> tuple[list[dict]
 def run_continue(cfg, out: Path, engine) -> bool:
     """This shard's missing chunks; True when every chunk (all shards) is on disk and merged."""
     t = cfg.token2048
-    rows, n = load_stage2(cfg, out)
+    tbl, n = load_stage2(cfg, out)
     parts_dir = out / schema.STAGE3_PARTS
     shards.check_layout(parts_dir, n)
     meta = parts_meta(stage3_meta(cfg), cfg)
     mine = shards.my_chunks(n, t.shard_index, t.num_shards)
-    chunk_rows = {c: list(g) for c, g in groupby(rows, key=lambda r: shards.chunk_of(r["question_id"], t.questions_per_shard))}
     todo = [c for c in mine if not shards.part_path(parts_dir, c, n).exists()]
     for c in mine:
         if c not in todo:
@@ -116,7 +126,7 @@ def run_continue(cfg, out: Path, engine) -> bool:
     )  # fmt: skip
     for c in tqdm(todo, desc="continue chunks", unit="chunk", disable=None):
         t0 = time.perf_counter()
-        recs, ntok = continue_chunk(cfg, engine, chunk_rows.get(c, []), f"continue chunk {c}")
+        recs, ntok = continue_chunk(cfg, engine, chunk_rows(tbl, c, t.questions_per_shard), f"continue chunk {c}")
         schema.write(shards.part_path(parts_dir, c, n), schema.table(schema.STAGE3, recs, meta))
         dt = time.perf_counter() - t0
         acc = sum(r["is_correct"] for r in recs) / max(len(recs), 1)

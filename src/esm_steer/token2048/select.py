@@ -17,7 +17,7 @@ import pandas as pd
 from esm_steer.io import atomic_save, atomic_write_json
 from esm_steer.runs import RunError
 from esm_steer.token2048 import schema, shards
-from esm_steer.token2048.common import stage1_meta, stage3_meta
+from esm_steer.token2048.common import grader_kind, stage1_meta, stage3_meta
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ def summarize(final: pd.DataFrame, stage3: pd.DataFrame, cfg) -> dict:
         "num_questions": int(len(final)),
         "n_prefix": int(cfg.token2048.n_prefix),
         "n_cont": int(cfg.token2048.n_cont),
+        "prefix_tokens": int(cfg.token2048.prefix_tokens),
+        "max_new_tokens": int(cfg.token2048.max_new_tokens),
+        "grader": grader_kind(cfg),
         "num_rollouts": int(len(stage3)),
         "mean_best_acc": mean_best,
         "max_best_acc": float(final["best_acc"].max()),

@@ -23,10 +23,6 @@ def num_chunks(num_questions: int, per_shard: int) -> int:
     return max(1, -(-num_questions // per_shard))
 
 
-def chunk_of(question_id: int, per_shard: int) -> int:
-    return question_id // per_shard
-
-
 def part_path(parts_dir: Path, chunk: int, n: int) -> Path:
     return parts_dir / f"part-{chunk:05d}-of-{n:05d}.parquet"
 
