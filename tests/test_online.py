@@ -87,6 +87,16 @@ def check_budget(results, T):
         assert all(s["m"] < CP.M for s in r.steps)
 
 
+def loser_tokens(r: OnlineResult) -> int:
+    """Probe tokens the losing candidates decoded (an EOS step included)."""
+    return sum(
+        len(c["probe_token_ids"]) + c["eos"]
+        for s in r.steps
+        for c in s["candidates"]
+        if "probe_token_ids" in c and c["tool"] != s["chosen"]
+    )
+
+
 class CountingMemory:
     """Delegates to a Memory and counts search calls / queries."""
 
@@ -264,14 +274,7 @@ def test_budget_accounting(engine, artifacts, prompts):
         results = run(engine, artifacts, prompts, T=T, probe_tokens=4)
         check_budget(results, T)
         for r in results:
-            # losers' probe tokens: every step's candidates minus the winner
-            losers = sum(
-                len(c["probe_token_ids"])
-                for s in r.steps
-                for c in s["candidates"]
-                if c.get("probe_token_ids") is not None and c["tool"] != s["chosen"]
-            )
-            assert r.probe_tokens_used == losers  # (no EOS in these probes)
+            assert r.probe_tokens_used == loser_tokens(r)
             assert all(len(c["probe_token_ids"]) <= min(4, T - s["offset"]) for s in r.steps for c in s["candidates"])
     s = summarize(results)
     assert s["probe_tokens_used"] == sum(r.probe_tokens_used for r in results)
@@ -297,3 +300,47 @@ def test_more_prompts_than_batch(engine, artifacts, prompts):
     results = run(engine, artifacts, many, T=8)
     assert len(results) == 10
     assert [r.token_ids for r in results[:3]] == [r.token_ids for r in results[3:6]]
+
+
+def test_eos_in_probe(engine, artifacts, prompts):
+    """A tool that steers towards an EOS token: when it wins, the row ends ("stop") with its
+    probe's tokens; when it loses, its probe (EOS step included) counts as probe tokens."""
+    library, memory = artifacts
+    # SmolLM2's EOS row of the tied embedding is zero (pad): declare token 1000 an EOS too,
+    # for a second engine on the same model, and steer towards it
+    gen_cfg = engine.model.generation_config
+    saved = gen_cfg.eos_token_id
+    gen_cfg.eos_token_id = [engine.tokenizer.eos_token_id, 1000]
+    try:
+        eng2 = HFEngine(engine.model, engine.tokenizer, batch_size=8)
+    finally:
+        gen_cfg.eos_token_id = saved
+    try:
+        emb = engine.model.get_output_embeddings().weight[1000].detach()
+        last = torch.stack([h[-1] for h in engine.hidden_states(prompts)])
+        tool = Tool("eos", "qe", 0, 5.0, 200.0 * emb / emb.norm(), last[0], last)
+        lib = Library(library.tools + [tool], {})
+        keys = np.concatenate([memory.keys, l2_normalise(last.numpy())])
+        extra = [{"entry_id": 6 + i, "tool_id": "eos", "question_id": "qe", "m": 0, "Q": 5.0} for i in range(3)]
+        mem = Memory(keys, memory.entries + extra, {"normalised": True})
+
+        def eos_probe(step):
+            return next(c for c in step["candidates"] if c["tool"] == "eos")
+
+        won = run(eng2, (lib, mem), prompts, rho=0.0)  # Â alone decides: the EOS tool wins
+        for r in won:
+            # (" adverse" completes "er": that row's probes stop after one token, then m = 1)
+            s = r.steps[-1]
+            cand = eos_probe(s)
+            assert all(t["chosen"] == "eos" for t in r.steps) and len(cand["probe_token_ids"]) <= 1
+            assert r.finish_reason == "stop" and r.token_ids[s["offset"] :] == cand["probe_token_ids"]
+            assert r.probe_tokens_used == loser_tokens(r)
+            check_budget([r], T_MAX)
+
+        lost = run(eng2, (lib, mem), prompts, tau_null=1e9)  # null kept at every step
+        for r in lost:
+            assert all(s["chosen"] is None for s in r.steps)
+            assert r.probe_tokens_used == loser_tokens(r) > 0
+            check_budget([r], T_MAX)
+    finally:
+        eng2._hook.remove()

@@ -71,7 +71,7 @@ class OnlineResult:
     probe_tokens_used: int  # tokens decoded by losing probes (thrown away)
     budget_used: int  # tokens_used + probe_tokens_used
     # one per control point: {"m", "offset", "retrieved": [[tool_id, sim]], "num_kept",
-    # "gate", "candidates": [{"tool", "A_hat", "logprob", "score", "probe_token_ids"}],
+    # "gate", "candidates": [{"tool", "A_hat", "logprob", "score", "probe_token_ids", "eos"}],
     # "chosen", "scale"}
     steps: list[dict] = field(default_factory=list)
 
@@ -268,6 +268,7 @@ class OnlinePolicy:
             c["logprob"] = lp
             c["score"] = 0.0 if c["tool"] is None else self.cfg.beta * c["A_hat"] + self.cfg.rho * (lp - lp_null)
             c["probe_token_ids"] = list(batch.tokens(row)[p.start :])
+            c["eos"] = batch.finish_reason(row) == FINISH_STOP  # the probe ended the response
         winner = self._choose(batch, ex, p.step, p.candidates, None, rows=p.rows)
 
         # keep the winner's row (its probe tokens start the segment); the others are probe cost
@@ -294,7 +295,7 @@ class OnlinePolicy:
         winner_row = rows[best] if rows is not None else row
         scale = 0.0 if chosen["tool"] is None else self.cfg.k_scale * chosen["score"]
         step["candidates"] = [
-            {k: c.get(k) for k in ("tool", "A_hat", "logprob", "score", "probe_token_ids") if k in c}
+            {k: c.get(k) for k in ("tool", "A_hat", "logprob", "score", "probe_token_ids", "eos") if k in c}
             for c in candidates
         ]
         step["chosen"] = chosen["tool"]
