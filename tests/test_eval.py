@@ -135,6 +135,9 @@ def test_eval_writes_records_tables_figures_cases(tmp_path, fakes):
     for f in ("tables/diagnostics_T16.csv", "tables/diagnostics_T16.json", "figures/tokens_hist_T16.pdf",
               "figures/tokens_hist_T16.png", "cases/cases_T16.md", "eval/esm_T16/meta.json"):  # fmt: skip
         assert (run.dir / f).is_file(), f
+    cases = (run.dir / "cases" / "cases_T16.md").read_text()
+    assert "### q002" in cases and "### q015" in cases and "### q010" not in cases  # improved 2 4 8 (10), regressed 3 9 15
+    assert "⟦m=0 → t0003 ×0.42⟧Thinking.\n\n⟦m=1 → null⟧The answer is" in cases
     diag = pd.read_csv(run.dir / "tables" / "diagnostics_T16.csv")
     assert list(diag["method"]) == ["greedy", "esm", "no_memory", "no_probing"]
     assert diag.set_index("method").loc["esm", "null_rate"] == pytest.approx(0.5)

@@ -54,34 +54,21 @@ def pick_examples(examples: Sequence, wanted: Sequence, full: Sequence | None = 
     return uniq
 
 
-def _delimiter_offsets(text: str, delimiter: str, n: int) -> list[int]:
-    """Char positions right after each of the first n delimiter occurrences (0 first)."""
-    out, i = [0], 0
-    while len(out) < n:
-        j = text.find(delimiter, i)
-        if j < 0:
-            break
-        i = j + len(delimiter)
-        out.append(i)
-    return out
-
-
 def step_char_offsets(record: dict, tokenizer=None, delimiter: str = "\n\n") -> list[int]:
     """Char position in the response of each step's token offset: the length of the decoded
     first ``offset`` kept tokens. Without token ids (or a step without an offset), the char
     position after the m-th delimiter."""
     steps = record.get("steps") or []
     text, ids = record["response"], record.get("token_ids")
-    by_delim = _delimiter_offsets(text, delimiter, max([int(s.get("m") or 0) for s in steps] + [0]) + 1)
+    by_text = report.text_step_offsets(text, steps, delimiter)
     out = []
-    for s in steps:
+    for s, fallback in zip(steps, by_text):
         off = s.get("offset")
         if off is not None and ids is not None and tokenizer is not None:
             prefix = tokenizer.decode(ids[: int(off)], skip_special_tokens=True)
             out.append(min(len(prefix), len(text)))
         else:
-            m = int(s.get("m") or 0)
-            out.append(by_delim[m] if m < len(by_delim) else len(text))
+            out.append(fallback)
     return out
 
 

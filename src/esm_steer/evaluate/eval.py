@@ -273,7 +273,7 @@ def write_reports(cfg: DictConfig, run: Run, by_method: dict, model_id: str | No
         log.warning("tokens histogram failed: %s: %s", type(e).__name__, e)
     if "greedy" in by_method and "esm" in by_method:
         path = report.write_cases(by_method["greedy"], by_method["esm"], run.path("cases", f"cases_T{t_max}.md"), t_max,
-                                  int(cfg.eval.max_cases))  # fmt: skip
+                                  int(cfg.eval.max_cases), str(cfg.control_points.segment_delimiter))  # fmt: skip
         log.info("cases: %s", path)
     log.info("main results (%s):\n%s", run.path("tables", "main_results_single.csv"), report.format_table(main))
     if abl is not None:

@@ -287,6 +287,24 @@ def mark_response(response: str, steps: Sequence[dict], char_offsets: Sequence[i
     return "".join(out)
 
 
+def delimiter_offsets(text: str, delimiter: str, n: int) -> list[int]:
+    """Char positions of control points 0..n-1 by text alone: 0, then right after each
+    delimiter occurrence (where a step's token offset is unknown)."""
+    out, i = [0], 0
+    while len(out) < n:
+        j = text.find(delimiter, i)
+        if j < 0:
+            break
+        i = j + len(delimiter)
+        out.append(i)
+    return out
+
+
+def text_step_offsets(response: str, steps: Sequence[dict], delimiter: str) -> list[int]:
+    by_delim = delimiter_offsets(response, delimiter, max([int(s.get("m") or 0) for s in steps] + [0]) + 1)
+    return [by_delim[int(s.get("m") or 0)] if int(s.get("m") or 0) < len(by_delim) else len(response) for s in steps]
+
+
 def steps_table(steps: Sequence[dict], max_retrieved: int = 3) -> str:
     """A markdown table of control points: gate, retrieved tools, candidate scores, choice."""
     if not steps:
@@ -332,8 +350,10 @@ def improved_regressed(
 
 def cases_markdown(
     base: Sequence[dict], treat: Sequence[dict], t_max: int, max_cases: int = 5, base_name: str = "greedy",
-    treat_name: str = "esm",
+    treat_name: str = "esm", delimiter: str | None = "\n\n",
 ) -> str:  # fmt: skip
+    """Improved and regressed examples side by side; the treated response carries its
+    control-point markers (placed at the m-th ``delimiter``)."""
     improved, regressed = improved_regressed(base, treat)
     parts = [
         f"# Cases: {treat_name} vs {base_name}, T_max={t_max}\n",
@@ -347,17 +367,20 @@ def cases_markdown(
         for b, t in pairs[:max_cases]:
             parts.append(f"\n### {b['id']}\n\n**Question**\n\n{_fence(b['question'])}\n**Gold:** `{b['gold']}`\n")
             for name, r in ((base_name, b), (treat_name, t)):
+                steps, text = r.get("steps") or [], r["response"]
+                if steps and delimiter:
+                    text = mark_response(text, steps, text_step_offsets(text, steps, delimiter))
                 parts.append(
                     f"\n**{name}** — pred `{r.get('pred')}`, {'correct' if r['correct'] else 'wrong'}, "
                     f"{r['tokens_used']} tokens (+{r.get('probe_tokens_used', 0)} probe), finish={r['finish_reason']}\n\n"
-                    + _fence(r["response"])
+                    + _fence(text)
                 )
             parts.append(f"\n{treat_name} steps:\n\n" + steps_table(t.get("steps") or []))
     return "".join(parts)
 
 
-def write_cases(base, treat, out_path: str | Path, t_max: int, max_cases: int = 5) -> Path:
-    return atomic_write_text(out_path, cases_markdown(base, treat, t_max, max_cases))
+def write_cases(base, treat, out_path: str | Path, t_max: int, max_cases: int = 5, delimiter: str | None = "\n\n") -> Path:
+    return atomic_write_text(out_path, cases_markdown(base, treat, t_max, max_cases, delimiter=delimiter))
 
 
 def case_markdown(
