@@ -340,3 +340,11 @@ def test_mine_refuses_rollouts_of_another_sampling_config(tmp_path, tokenizer):
     run_mine(tmp_path, tokenizer, examples=make_examples(2), **{"offline_mine.length_penalty": 0.5})
     after = read_jsonl(tmp_path / "mine" / "candidates.jsonl")
     assert [c["Q"] for c in before] != [c["Q"] for c in after]
+
+
+def test_rerun_with_smaller_K_uses_the_first_K_rollouts(tmp_path, tokenizer):
+    run_mine(tmp_path / "a", tokenizer, examples=make_examples(3))
+    summary, engine = run_mine(tmp_path / "a", tokenizer, examples=make_examples(3), **{"offline_mine.K": 4})
+    assert engine.generate_calls == 0 and summary["rollouts"] == 3 * 4
+    fresh, _ = run_mine(tmp_path / "b", tokenizer, examples=make_examples(3), **{"offline_mine.K": 4})
+    assert read_jsonl(tmp_path / "a" / "mine" / "candidates.jsonl") == read_jsonl(tmp_path / "b" / "mine" / "candidates.jsonl")

@@ -428,8 +428,9 @@ def mine(
 
     appender = JsonlAppender(mine_dir / "rollouts.jsonl", key=_rollout_key)
     timing = sample_rollouts(engine, examples, prompts, cfg, appender, is_correct, pred)
-    wanted = {str(ex.id) for ex in examples}
-    rollouts = [r for r in appender.records if str(r["question_id"]) in wanted]
+    wanted, K = {str(ex.id) for ex in examples}, int(cfg.offline_mine.K)
+    # a run dir mined earlier with a larger K (or more questions) may hold more: use this run's
+    rollouts = [r for r in appender.records if str(r["question_id"]) in wanted and int(r["sample_id"]) < K]
     cands, stats = mine_candidates(engine, examples, prompts, rollouts, cfg)
     write_candidates(mine_dir, cands)
 
@@ -471,6 +472,7 @@ def mine(
 def run(cfg: DictConfig, run) -> None:
     if cfg.model.get("num_threads"):
         torch.set_num_threads(int(cfg.model.num_threads))
+    write_latest(run.dir)  # now, so that outputs.run_id=latest resumes a killed mine
     engine = common.build_engine(cfg)
     try:
         examples = common.load_examples(cfg, cfg.task.train_split)
