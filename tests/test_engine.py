@@ -355,3 +355,10 @@ def test_sampler_follows_temperature_and_top_p():
     draws = torch.cat([_sample(logits, 1.0, 0.7, [gen]) for _ in range(4000)])
     freq = torch.bincount(draws, minlength=5).float() / 4000
     torch.testing.assert_close(freq, torch.tensor([0.0, 0.625, 0.0, 0.375, 0.0]), atol=0.03, rtol=0)
+
+
+def test_prompt_logprobs_short_sequences(tiny_engine):
+    out = tiny_engine.prompt_logprobs([[5], [5, 6, 7], []])
+    assert out[0] == [] and out[2] == [] and len(out[1]) == 2
+    hs = tiny_engine.hidden_states([[5], [5, 6, 7]])
+    assert [h.shape[0] for h in hs] == [1, 3]

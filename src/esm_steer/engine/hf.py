@@ -774,6 +774,8 @@ class HFEngine:
                 hs = final.last_hidden_state
                 for k, i in enumerate(group):
                     n = len(sequences[i])
+                    if n < 2:
+                        continue
                     targets = ids[k, 1:n]
                     vals = []
                     for lo in range(0, n - 1, _LOGIT_CHUNK):
