@@ -30,7 +30,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 KINDS = ("numeric", "math", "choice", "yesno", "math_dapo")
-SYMBOLIC_TIMEOUT_S = 3.0  # per math-verify / sympy call
+SYMBOLIC_TIMEOUT_S = 5.0  # per math-verify / sympy call (imports excluded)
 _MAX_ABANDONED = 2  # stuck worker threads tolerated before symbolic checks are switched off
 _abandoned: list[threading.Thread] = []
 _warned_off = False
@@ -313,11 +313,23 @@ def run_bounded(fn: Callable, *args, timeout: float | None = None):
     return box.get("value")
 
 
+def _import_symbolic() -> None:
+    for mod in ("sympy", "latex2sympy2_extended", "math_verify"):
+        try:
+            __import__(mod)
+        except ImportError:
+            pass
+
+
 def _math_verify_equal(pred: str, gold: str) -> bool | None:
     try:
+        import math_verify.grader
+        import math_verify.parser
         from math_verify import parse, verify
     except ImportError:
         return None
+    # its "timeout disabled" warning does not apply: run_bounded is the timeout
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
     # timeouts off: they use SIGALRM (main thread only); run_bounded bounds this call
     g = parse("\\boxed{" + gold + "}", parsing_timeout=None)
     p = parse("\\boxed{" + pred + "}", parsing_timeout=None)
@@ -350,6 +362,7 @@ def math_equal(pred: str | None, gold: str | None) -> bool:
         return True
     if _too_heavy(pred) or _too_heavy(gold):
         return False
+    _import_symbolic()  # outside the deadline: the first import alone takes seconds
     if run_bounded(_math_verify_equal, pred, gold):
         return True
     return bool(run_bounded(_sympy_equal, strip_math(pred), strip_math(gold)))
