@@ -109,7 +109,8 @@ def continue_chunk(cfg, engine, rows: list[dict], desc: str) -> tuple[list[dict]
 
 
 def run_continue(cfg, out: Path, engine) -> bool:
-    """This shard's missing chunks; True when every chunk (all shards) is on disk and merged."""
+    """This shard's missing chunks; True when every chunk (all shards) is on disk and merged.
+    ``engine``: an Engine, or a callable returning one (loaded only if there is work)."""
     t = cfg.token2048
     tbl, n = load_stage2(cfg, out)
     parts_dir = out / schema.STAGE3_PARTS
@@ -124,6 +125,8 @@ def run_continue(cfg, out: Path, engine) -> bool:
         "continue: shard %d/%d owns %d of %d chunk(s), %d to do (%d done before); n_cont=%d, max_new_tokens=%d, grader=%s",
         t.shard_index, t.num_shards, len(mine), n, len(todo), len(mine) - len(todo), t.n_cont, t.max_new_tokens, grader_kind(cfg),
     )  # fmt: skip
+    if todo and callable(engine):
+        engine = engine()
     for c in tqdm(todo, desc="continue chunks", unit="chunk", disable=None):
         t0 = time.perf_counter()
         recs, ntok = continue_chunk(cfg, engine, chunk_rows(tbl, c, t.questions_per_shard), f"continue chunk {c}")

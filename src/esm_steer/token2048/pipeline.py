@@ -73,11 +73,11 @@ def run(cfg, run, engine=None) -> dict | None:
         for s in todo:
             log.info("token2048: stage %s (out: %s)", s, out)
             if s == "sample":
-                run_sample(cfg, out, lazy.engine())
+                run_sample(cfg, out, lazy.engine)
             elif s == "prepare":
                 run_prepare(cfg, out, lazy.tokenizer())
             elif s == "continue":
-                if not run_continue(cfg, out, lazy.engine()) and stage == "all":
+                if not run_continue(cfg, out, lazy.engine) and stage == "all":
                     log.info("token2048: other shards still running; run stage=select once they are done")
                     return None
             else:

@@ -43,6 +43,7 @@ def prompt_ids(tokenizer, cfg, example) -> list[int]:
 
 
 def run_sample(cfg, out: Path, engine, examples: list | None = None) -> Path:
+    """``engine``: an Engine, or a callable returning one (loaded only if there is work)."""
     t = cfg.token2048
     target = out / schema.STAGE1
     meta = stage1_meta(cfg)
@@ -55,6 +56,8 @@ def run_sample(cfg, out: Path, engine, examples: list | None = None) -> Path:
     if cfg.task.dataset == "dapo_math" and cfg.prompt.template != "dapo":
         log.warning("task=dapo_math with prompt=%s: the math_dapo grader expects prompt=dapo", cfg.prompt.template)
 
+    if callable(engine):
+        engine = engine()
     n = shards.num_chunks(len(examples), t.questions_per_shard)
     parts_dir = out / schema.STAGE1_PARTS
     shards.check_layout(parts_dir, n)
