@@ -338,6 +338,7 @@ def test_eos_in_probe(engine, artifacts, prompts):
             check_budget([r], T_MAX)
 
         lost = run(eng2, (lib, mem), prompts, tau_null=1e9)  # null kept at every step
+        assert all(any(eos_probe(s)["eos"] for s in r.steps) for r in lost)  # its probes hit EOS
         for r in lost:
             assert all(s["chosen"] is None for s in r.steps)
             assert r.probe_tokens_used == loser_tokens(r) > 0
