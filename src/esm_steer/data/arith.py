@@ -1,6 +1,6 @@
 """Synthetic arithmetic word problems: a task that runs anywhere, with a difficulty knob.
 
-difficulty 1: one step, + or -, operands <= 15 (the embedded 135M model solves ~1/3-1/2);
+difficulty 1: one step, + or -, operands <= 12 (the embedded 135M model solves ~1/3-1/2);
 difficulty 2: two steps of + / -, operands <= 30;
 difficulty 3: three steps, + / - / "n bags of m" / doubling, operands up to ~99.
 
@@ -59,7 +59,7 @@ QUESTIONS = [
 ]
 
 # per difficulty: steps, start range, operand range
-LEVELS = {1: (1, (2, 15), (1, 15)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60))}
+LEVELS = {1: (1, (2, 12), (1, 12)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60))}
 
 
 @dataclass
