@@ -83,3 +83,27 @@ def test_control_point_offsets_on_merged_tokens():
     # a delimiter as the very last token opens no segment
     assert control_point_offsets(["a", "\n\n"], "\n\n", M=3) == [0]
     assert segment_spans([0, 2, 4], 5) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_run_ids_stay_strings():
+    from esm_steer.cli import quote_ids
+
+    assert quote_ids(["outputs.run_id=20261122_001700", "seed=1"]) == ["outputs.run_id='20261122_001700'", "seed=1"]
+    assert quote_ids(["outputs.run_id='x_1'"]) == ["outputs.run_id='x_1'"]
+
+
+def test_explicit_run_id_with_underscore_is_used_verbatim(tmp_path):
+    exe = Path(sys.executable).parent / "esm-eval"
+    r = subprocess.run(
+        [str(exe), f"outputs.root_dir={tmp_path}", "outputs.run_name=exp", "outputs.run_id=20261122_001700",
+         "nosuch.stage=1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert r.returncode == 2  # stopped by the precheck; now compose for real:
+    r = subprocess.run(
+        [str(exe), "--cfg", "hydra", "--resolve", f"outputs.root_dir={tmp_path}", "outputs.run_name=exp",
+         "outputs.run_id=20261122_001700"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path}/exp/20261122_001700" in r.stdout

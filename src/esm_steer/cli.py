@@ -143,7 +143,23 @@ def precheck_overrides(args: list[str]) -> str | None:
     return None
 
 
+_ID_KEYS = ("outputs.run_id", "outputs.suite_id")
+
+
+def quote_ids(args: list[str]) -> list[str]:
+    """Keep run ids strings: Hydra would read `outputs.run_id=20261122_001700` as the integer
+    20261122001700 (underscores are digit separators) and open a new run dir."""
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") in _ID_KEYS and value and value[0] not in "'\"" and "," not in value:
+            a = f"{key}='{value}'"
+        out.append(a)
+    return out
+
+
 def _main(entry: str):
+    sys.argv[1:] = quote_ids(sys.argv[1:])
     problem = precheck_overrides(sys.argv[1:])
     if problem:
         print(f"esm-{entry}: {problem}", file=sys.stderr)
