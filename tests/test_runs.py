@@ -101,7 +101,7 @@ def test_explicit_run_id_with_underscore_is_used_verbatim(tmp_path):
     )
     assert r.returncode == 2  # stopped by the precheck; now compose for real:
     r = subprocess.run(
-        [str(exe), "--cfg", "hydra", "--resolve", f"outputs.root_dir={tmp_path}", "outputs.run_name=exp",
+        [str(exe), "--cfg", "all", "--resolve", f"outputs.root_dir={tmp_path}", "outputs.run_name=exp",
          "outputs.run_id=20261122_001700"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
