@@ -123,6 +123,10 @@ MATH = [
     ("\\boxed{1,\\!000}", "1000", True),
     ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True),
     ("the last number is 12", "12", True),
+    ("\\boxed{\\binom{5}{2}}", "10", True),
+    ("\\boxed{x^2+y^2}", "y^2+x^2", True),
+    ("\\boxed{2^{10}}", "1024", True),
+    ("\\boxed{\\sum_{k=1}^{n} k}", "10", False),
 ]
 
 
@@ -141,8 +145,9 @@ def test_math_via_task_name_and_unknown_task():
 PATHOLOGICAL = [
     "\\boxed{9^{9^{9^{9}}}}",
     "\\boxed{10^{10^{10}}}",
+    "\\boxed{2^3^4^5^6}",
     "\\boxed{2^{99999999}}",
-    "\\boxed{99999!}",
+    "\\boxed{999999!}",
     "\\boxed{" + "x+" * 400 + "1}",
 ]
 

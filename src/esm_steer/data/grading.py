@@ -272,11 +272,11 @@ def _too_heavy(s: str) -> bool:
     """Inputs that could stall sympy inside one C call (huge integer powers, factorials)."""
     if len(s) > 300:
         return True
-    if re.search(r"(\^|\*\*)\s*\{?[^{}]*(\^|\*\*)", s):  # power towers a^{b^c}
+    if re.search(r"(?:\^|\*\*)\s*(?:\{[^{}]*|\(?[\w.]+\)?\s*)(?:\^|\*\*)", s):  # towers a^{b^c}, a^b^c
         return True
     if re.search(r"(\^|\*\*)\s*\{?\s*\(?\s*\d{4,}", s):  # exponent >= 1000
         return True
-    return bool(re.search(r"\d{3,}\s*!|\\binom|\\prod|\\sum|\\int", s))
+    return bool(re.search(r"\d{5,}\s*!|\\prod|\\sum|\\int", s))  # huge factorials, unbounded series
 
 
 def run_bounded(fn: Callable, *args, timeout: float | None = None):
