@@ -95,3 +95,26 @@ def test_memory_stage_without_library_names_select(tmp_path):
     cfg = OmegaConf.structured(ESMConfig)
     with pytest.raises(RunError, match=r"library.jsonl.*esm-select"):
         run(cfg, Run(tmp_path, cfg))
+
+
+def test_centered_keys_search_is_cosine_of_centred_vectors(tmp_path):
+    lib = make_library(n_tools=6)
+    for t in lib.tools:  # a large shared component, as in real residual streams
+        t.states += 40.0
+    mem = build_memory(lib, normalize_keys=True, center_keys=True)
+    assert mem.meta["centered"] and mem.center is not None
+    np.testing.assert_allclose(np.linalg.norm(mem.keys, axis=1), 1.0, atol=1e-5)
+    raw = np.concatenate([t.states.numpy() for t in lib.tools])
+    mem.save(tmp_path)
+    mem = Memory.load(tmp_path, "fake-model", 3)
+    q = raw[:3] + 0.01
+    sims, idx = mem.search(q, k=4)
+    c = raw - raw.mean(0)
+    cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    qc = (q - raw.mean(0)) / np.linalg.norm(q - raw.mean(0), axis=1, keepdims=True)
+    expect = np.argsort(-(qc @ cn.T), axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(idx, expect)
+    assert idx[0, 0] == 0 and idx[1, 0] == 1
+    # uncentred, the shared component makes every key look alike
+    plain = build_memory(lib, normalize_keys=True, center_keys=False)
+    assert (plain.keys @ plain.keys.T).mean() > 0.9 > (mem.keys @ mem.keys.T).mean()

@@ -97,6 +97,9 @@ class OfflineSelectConfig:
 @dataclass
 class OfflineMemoryConfig:
     normalize_keys: bool = True
+    # subtract the mean key (keys and queries) before normalising: hidden states are
+    # anisotropic (raw cosines ~0.99), centring makes cosine retrieval discriminative
+    center_keys: bool = True
 
 
 @dataclass

@@ -3,7 +3,10 @@
 One entry per (tool, mining state): every state at the tool's (q, m) — h at the last token
 before control point m of each rollout of P∪N — so a tool has several anchors (DESIGN.md §2).
 Keys are L2-normalised when ``offline_memory.normalize_keys``; inner-product search on them
-is cosine similarity (faiss ``IndexFlatIP``, exact).
+is cosine similarity (faiss ``IndexFlatIP``, exact). With ``offline_memory.center_keys`` the
+mean key is subtracted first (from keys and queries alike): residual-stream states are
+strongly anisotropic — raw mining keys of one task have mean pairwise cosine ≈ 0.99 — so
+without centring every entry looks similar and ``min_sim`` cannot separate them.
 
 Files under ``<run dir>/memory/``: ``keys.npy`` (float32 [N, d]), ``entries.jsonl``
 (entry_id, tool_id, question_id, m, Q, state), ``meta.txt`` (``key: value`` lines: model,
@@ -43,7 +46,7 @@ def _parse_meta(text: str) -> dict:
         k, v = (s.strip() for s in line.split(":", 1))
         if k in _META_TYPES:
             meta[k] = _META_TYPES[k](v) if v not in ("", "None") else None
-        elif k == "normalised":
+        elif k in ("normalised", "centered"):
             meta[k] = v.lower() in ("true", "1", "yes")
         else:
             meta[k] = v
@@ -51,8 +54,11 @@ def _parse_meta(text: str) -> dict:
 
 
 class Memory:
-    def __init__(self, keys: np.ndarray, entries: list[dict], meta: dict, index=None):
+    def __init__(
+        self, keys: np.ndarray, entries: list[dict], meta: dict, index=None, center: np.ndarray | None = None
+    ):
         self.keys = np.ascontiguousarray(keys, dtype=np.float32)
+        self.center = None if center is None else np.asarray(center, dtype=np.float32)
         self.entries = list(entries)
         self.meta = dict(meta)
         if len(self.entries) != len(self.keys):
@@ -84,6 +90,8 @@ class Memory:
             q = q[None]
         if q.shape[1] != self.keys.shape[1]:
             raise ValueError(f"memory search: queries have d={q.shape[1]}, the memory d={self.keys.shape[1]}")
+        if self.center is not None:
+            q = q - self.center
         if self.normalised:
             q = l2_normalise(q)
         sims, idx = self.index.search(np.ascontiguousarray(q), int(k))
@@ -99,6 +107,8 @@ class Memory:
         root = Path(run_dir) / MEMORY_DIR
         atomic_save(root / "keys.npy", lambda p: np.save(p, self.keys))
         atomic_write_jsonl(root / "entries.jsonl", self.entries)
+        if self.center is not None:
+            atomic_save(root / "center.npy", lambda p: np.save(p, self.center))
         atomic_save(root / "index.faiss", lambda p: faiss.write_index(self.index, p))
         lines = [f"{k}: {v}" for k, v in self.meta.items()]
         atomic_write_text(root / "meta.txt", "\n".join(lines) + "\n")  # last: marks a complete memory
@@ -130,10 +140,17 @@ class Memory:
             if index.ntotal != len(keys):
                 log.warning("%s: index has %d vectors, keys.npy %d: rebuilding", root, index.ntotal, len(keys))
                 index = None
-        return cls(keys, read_jsonl(root / "entries.jsonl"), meta, index)
+        center = None
+        if meta.get("centered"):
+            if not (root / "center.npy").exists():
+                raise RunError(f"missing {root / 'center.npy'} (meta.txt says centered; rerun esm-memory)")
+            center = np.load(root / "center.npy")
+        return cls(keys, read_jsonl(root / "entries.jsonl"), meta, index, center)
 
 
-def build_memory(library: Library, normalize_keys: bool = True, T_max: int | None = None) -> Memory:
+def build_memory(
+    library: Library, normalize_keys: bool = True, T_max: int | None = None, center_keys: bool = False
+) -> Memory:
     """One entry per (tool, mining state)."""
     rows, entries = [], []
     for t in library.tools:
@@ -152,6 +169,10 @@ def build_memory(library: Library, normalize_keys: bool = True, T_max: int | Non
             rows.append(s)
     d = int(library.meta.get("hidden_size") or (library.tools[0].states.shape[1] if library.tools else 0))
     keys = np.stack(rows).astype(np.float32) if rows else np.zeros((0, d), np.float32)
+    center = None
+    if center_keys and len(keys):
+        center = keys.mean(axis=0)
+        keys = keys - center
     if normalize_keys:
         keys = l2_normalise(keys)
     meta = {
@@ -160,23 +181,29 @@ def build_memory(library: Library, normalize_keys: bool = True, T_max: int | Non
         "d": keys.shape[1],
         "N": keys.shape[0],
         "normalised": bool(normalize_keys),
+        "centered": center is not None,
         "created": now_iso(),
         "tools": len(library),
         "T_max": T_max,
     }
-    return Memory(keys, entries, meta)
+    return Memory(keys, entries, meta, center=center)
 
 
 def run(cfg: DictConfig, run) -> None:
     library = Library.load(run.dir)
     if not len(library):
         raise RunError(f"{run.dir}/library/library.jsonl has no tools; rerun esm-select")
-    memory = build_memory(library, bool(cfg.offline_memory.normalize_keys), int(cfg.decode.max_new_tokens))
+    memory = build_memory(
+        library,
+        bool(cfg.offline_memory.normalize_keys),
+        int(cfg.decode.max_new_tokens),
+        center_keys=bool(cfg.offline_memory.center_keys),
+    )
     memory.save(run.dir)
     per_tool = len(memory) / len(library)
     log.info(
-        "memory: %d entries from %d tools (%.1f states per tool), d=%d, normalised=%s, model %s layer %s",
-        len(memory), len(library), per_tool, memory.meta["d"], memory.normalised,
+        "memory: %d entries from %d tools (%.1f states per tool), d=%d, centered=%s normalised=%s, model %s layer %s",
+        len(memory), len(library), per_tool, memory.meta["d"], memory.meta["centered"], memory.normalised,
         memory.meta["model"], memory.meta["layer"],
     )  # fmt: skip
     write_latest(run.dir)
