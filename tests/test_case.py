@@ -65,7 +65,7 @@ def test_case_run_writes_md_and_jsonl(tmp_path, fakes):
     md = (tmp_path / "cases" / f"{name}.md").read_text()
     assert md.index("## q004") < md.index("## q001")
     assert "### greedy" in md and "### esm" in md and "⟦m=0 → t0003 ×0.42⟧" in md and "⟦m=1 → null⟧" in md
-    assert "| 0 | 0 | ok | t0003:0.90, t0005:0.40 |" in md  # retrieved tools with sims, in the steps table
+    assert "| 0 | 0 | ok | t0003:0.900, t0005:0.400 |" in md  # retrieved tools with sims, in the steps table
     assert by["esm"]["q004"]["correct"] is True  # esm_right(4)
     # a rerun resumes: nothing regenerated, no duplicates
     engine = FakeEngine()

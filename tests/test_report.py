@@ -115,3 +115,9 @@ def test_tokens_histogram_writes_pdf_and_png(tmp_path):
     paths = report.tokens_histogram({"greedy": [rec(i, True, tokens=i) for i in range(5)]}, tmp_path, 8)
     assert sorted(p.name for p in paths) == ["tokens_hist_T8.pdf", "tokens_hist_T8.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_retrieved_summary_groups_entries_by_tool():
+    ret = [["t5", 0.99], ["t5", 0.97], ["t1", 0.5], ["t5", 0.98], ["t2", 0.4], ["t3", 0.3]]
+    assert report.retrieved_summary(ret, max_tools=3) == "t5:0.990 ×3, t1:0.500, t2:0.400 (+1 tools)"
+    assert report.retrieved_summary([]) == ""

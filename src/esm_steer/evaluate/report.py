@@ -305,16 +305,29 @@ def text_step_offsets(response: str, steps: Sequence[dict], delimiter: str) -> l
     return [by_delim[int(s.get("m") or 0)] if int(s.get("m") or 0) < len(by_delim) else len(response) for s in steps]
 
 
-def steps_table(steps: Sequence[dict], max_retrieved: int = 3) -> str:
+def retrieved_summary(retrieved: Sequence, max_tools: int = 3) -> str:
+    """Retrieved memory entries grouped by tool (a tool has several anchors): best sim and
+    how many of its entries came back, in retrieval order; e.g. ``t0005:0.999 ×3, t0001:0.412``."""
+    best: dict[Any, float] = {}
+    count: Counter = Counter()
+    for e in retrieved:
+        t, sim = (e[0], e[1]) if len(e) > 1 else (e[0], None)
+        count[t] += 1
+        if t not in best or (sim is not None and (best[t] is None or sim > best[t])):
+            best[t] = sim
+    tools = list(best)
+    out = ", ".join(f"{_tool(t)}:{_num(best[t])}" + (f" ×{count[t]}" if count[t] > 1 else "") for t in tools[:max_tools])
+    return out + (f" (+{len(tools) - max_tools} tools)" if len(tools) > max_tools else "")
+
+
+def steps_table(steps: Sequence[dict], max_retrieved: int = 4) -> str:
     """A markdown table of control points: gate, retrieved tools, candidate scores, choice."""
     if not steps:
         return "_no control points_\n"
     lines = ["| m | offset | gate | retrieved (tool:sim) | candidates (tool: Â / logprob / score) | chosen | scale |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in steps:
-        ret = ", ".join(f"{_tool(t[0])}:{_num(t[1], 2)}" for t in (s.get("retrieved") or [])[:max_retrieved])
-        more = len(s.get("retrieved") or []) - max_retrieved
-        ret += f" (+{more})" if more > 0 else ""
+        ret = retrieved_summary(s.get("retrieved") or [], max_retrieved)
         cands = "; ".join(
             f"{_tool(c.get('tool'))}: {_num(c.get('A_hat'))} / {_num(c.get('logprob'))} / {_num(c.get('score'))}"
             for c in (s.get("candidates") or [])
