@@ -56,7 +56,7 @@ class TaskConfig:
 
 @dataclass
 class PromptConfig:
-    template: str = "arith_0shot"  # a name in esm_steer.data.prompts.PROMPTS
+    template: str = "arith_3shot"  # a name in esm_steer.data.prompts.PROMPTS
     system: Optional[str] = None  # system message; null: the template's / model's default
 
 
