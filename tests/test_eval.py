@@ -249,3 +249,17 @@ def test_greedy_through_the_hf_backend_on_the_tiny_model(tmp_path, tiny_model, t
         assert r["response"] == tokenizer.decode(r["token_ids"], skip_special_tokens=True)
     main = pd.read_csv(tmp_path / "tables" / "main_results_single.csv")
     assert len(main) == 1 and main.loc[0, "n"] == 3 and main.loc[0, "T_max"] == 6
+
+
+def test_rerun_with_other_online_settings_refuses_to_mix_records(tmp_path, fakes):
+    cfg = compose_cfg(["eval.methods=[esm]"])
+    run = Run(make_artifacts(tmp_path), cfg)
+    ev.run(cfg, run, engine=FakeEngine())
+    ev.run(cfg, run, engine=FakeEngine())  # same settings: resumes (nothing to do)
+    cfg2 = compose_cfg(["eval.methods=[esm]", "online.k_scale=0.5"])
+    with pytest.raises(RunError, match=r"online\.k_scale: 1\.0 -> 0\.5") as e:
+        ev.run(cfg2, Run(tmp_path, cfg2), engine=FakeEngine())
+    assert "\n" not in str(e.value)
+    cfg3 = compose_cfg(["eval.methods=[esm]", "online.k_scale=0.5", "eval.tag=k05"])
+    ev.run(cfg3, Run(tmp_path, cfg3), engine=FakeEngine())  # a new tag is a new record log
+    assert len(read_jsonl(tmp_path / "eval" / "k05_esm_T16" / "per_example.jsonl")) == N

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from esm_steer.io import JsonlAppender, atomic_write_text
+from esm_steer.io import atomic_write_text
 from esm_steer.runs import Run, RunError
 
 from esm_steer.evaluate import records as R
@@ -95,7 +95,8 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     engine = engine if engine is not None else common.build_engine(cfg)
     prompts = common.prompt_ids(engine, cfg, examples)
     name = case_name(cfg)
-    appender = JsonlAppender(R.per_example_path(run.dir, name), key=lambda r: (r["method"], r["id"]))
+    appender = R.open_records(R.per_example_path(run.dir, name), R.fingerprint(cfg, methods, artifact_dir),
+                              key=lambda r: (r["method"], r["id"]))  # fmt: skip
     cache: dict = {}
     for m in methods:
         generate, to_record = make_generator(m, engine, cfg, artifact_dir, cache)

@@ -229,7 +229,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     cache: dict = {}
     for method in methods:
         tag = R.method_tag(method, t_max, cfg.eval.tag)
-        appender = JsonlAppender(R.per_example_path(run.dir, tag))
+        appender = R.open_records(R.per_example_path(run.dir, tag), R.fingerprint(cfg, [method], artifact_dir))
         generate, to_record = make_generator(method, engine, cfg, artifact_dir, cache)
         wall = generate_records(examples, prompts, generate, to_record, appender, cfg.task.dataset,
                                 int(cfg.model.batch_size), desc=f"eval {method}")  # fmt: skip

@@ -15,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from esm_steer.io import read_jsonl
+
+if TYPE_CHECKING:
+    from esm_steer.io import JsonlAppender
 
 FINISH_ERROR = "error"  # generation raised; the record keeps the message in "error"
 RECORD_FIELDS = (
@@ -129,3 +132,61 @@ def error_record(example, task: str, message: str, **kw) -> dict:
 
 def read_records(run_dir: str | Path, tag: str) -> list[dict]:
     return read_jsonl(per_example_path(run_dir, tag))
+
+
+# ---------------------------------------------------------------- resuming safely
+
+FINGERPRINT = "fingerprint.json"
+
+
+def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) -> dict:
+    """What a record depends on: a resumed run must not mix records made under other settings
+    (the tag names only method and T_max; online.* knobs, model, prompt live here)."""
+    from omegaconf import OmegaConf
+
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    fp = {
+        "methods": list(methods),
+        "T_max": int(cfg.decode.max_new_tokens),
+        "model": {k: cfg.model[k] for k in ("name_or_path", "gguf_file", "dtype", "steer_layer")},
+        "task": {k: cfg.task[k] for k in ("dataset", "eval_split", "difficulty", "num_synthetic")},
+        "prompt": plain(cfg.prompt),
+        "seed": int(cfg.seed),
+    }
+    if any(m in ONLINE_METHODS for m in methods):
+        fp["online"] = {k: v for k, v in plain(cfg.online).items() if k != "variant"}
+        fp["control_points"] = plain(cfg.control_points)
+        fp["artifact_run_dir"] = str(Path(artifact_dir).resolve()) if artifact_dir else None
+    return jsonable(fp)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def open_records(path: str | Path, fp: dict, key: Any = "id") -> "JsonlAppender":
+    """The resumable record log at ``path``; RunError (one line) when records already there
+    were made under another fingerprint, so a rerun never silently mixes settings."""
+    from esm_steer.io import JsonlAppender, atomic_write_json
+    from esm_steer.runs import RunError
+
+    path = Path(path)
+    fp_path = path.parent / FINGERPRINT
+    appender = JsonlAppender(path, key=key)
+    if appender.records and fp_path.exists():
+        import json
+
+        diff = _diff(json.loads(fp_path.read_text()), fp)
+        if diff:
+            raise RunError(
+                f"{path.parent} holds {len(appender.records)} records made with other settings "
+                f"({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}): set eval.tag, use a new run "
+                f"(outputs.run_id), or delete that dir"
+            )
+    atomic_write_json(fp_path, fp)
+    return appender
