@@ -168,11 +168,16 @@ class OnlinePolicy:
                 batch.step(rows=sorted(set(batch.active_rows()) - set(paused)))
             else:
                 batch.step()
+            drop: list[int] = []  # losing probe rows of this step, dropped together
             for ex in live:
                 if ex.probe is None:
                     self._after_decode_step(batch, ex, T)
                 else:
-                    self._after_probe_step(batch, ex, T)
+                    self._after_probe_step(batch, ex, T, drop)
+            if drop:
+                # one drop for all examples: each drop (and fork) re-selects the whole KV cache,
+                # which on CPU costs as much as several decode steps
+                batch.drop(drop)
             due = [ex for ex in live if ex.result is None and ex.due]
             if due:
                 self._open_control_points(batch, due, T)
@@ -189,7 +194,7 @@ class OnlinePolicy:
             ex.m += 1
             ex.due = ex.m < self.cp.M
 
-    def _after_probe_step(self, batch, ex: _Example, T: int) -> None:
+    def _after_probe_step(self, batch, ex: _Example, T: int, drop: list[int]) -> None:
         p = ex.probe
         assert p is not None
         running = False
@@ -202,7 +207,7 @@ class OnlinePolicy:
             else:
                 running = True
         if not running:  # every probe stopped or finished (EOS / T_max)
-            self._resolve_probe(batch, ex, T)
+            self._resolve_probe(batch, ex, T, drop)
 
     # ------------------------------------------------------------------ control points
 
@@ -211,6 +216,7 @@ class OnlinePolicy:
         for ex in examples:
             ex.due = False
         retrievals = self._retrieve(batch, examples)
+        probing: list[tuple[_Example, dict, list[dict], int]] = []
         for ex, ret in zip(examples, retrievals):
             start = len(batch.tokens(ex.row))
             step = {
@@ -236,13 +242,26 @@ class OnlinePolicy:
                     c["score"] = 0.0 if c["tool"] is None else self.cfg.beta * c["A_hat"]
                 self._choose(batch, ex, step, candidates, ex.row)
                 continue
-            # probe: the original row is null, L forks carry k_scale·v_i
-            forks = batch.fork(ex.row, len(candidates) - 1)
-            rows = [ex.row] + list(forks)
+            probing.append((ex, step, candidates, start))
+
+        # probe: the original row is null, L forks (same KV cache, no re-encoding) carry k_scale·v_i
+        forks = self._fork(batch, {ex.row: len(c) - 1 for ex, _, c, _ in probing})
+        for ex, step, candidates, start in probing:
+            rows = [ex.row] + forks[ex.row]
             batch.set_steer(ex.row, None)
             for row, c in zip(rows[1:], candidates[1:]):
                 batch.set_steer(row, self._vector(c["tool"], self.cfg.k_scale))
             ex.probe = _Probe(step, candidates, rows, start, min(self.cfg.probe_tokens, T - start))
+
+    @staticmethod
+    def _fork(batch, requests: dict[int, int]) -> dict[int, list[int]]:
+        """Fork several rows. Each ``fork`` call re-selects the whole KV cache, so a batch that
+        offers ``fork_many({row: n}) -> {row: [new rows]}`` (one select) is used when present."""
+        if not requests:
+            return {}
+        if hasattr(batch, "fork_many"):
+            return {r: list(v) for r, v in batch.fork_many(dict(requests)).items()}
+        return {row: list(batch.fork(row, n)) for row, n in requests.items()}
 
     def _retrieve(self, batch, examples: list[_Example]) -> list[Retrieval]:
         if self.cfg.variant == "no_memory":
@@ -258,7 +277,7 @@ class OnlinePolicy:
             for b in range(len(examples))
         ]
 
-    def _resolve_probe(self, batch, ex: _Example, T: int) -> None:
+    def _resolve_probe(self, batch, ex: _Example, T: int, drop: list[int]) -> None:
         p = ex.probe
         assert p is not None
         ex.probe = None
@@ -276,7 +295,7 @@ class OnlinePolicy:
         for r in losers:
             ex.probe_tokens_used += len(batch.tokens(r)) - p.start
             ex.probe_tokens_used += batch.finish_reason(r) == FINISH_STOP  # the EOS step was decoded too
-        batch.drop(losers)
+        drop.extend(losers)  # before the next step
         ex.row = winner
         # the winner continues as an ordinary decoding row
         self._after_decode_step(batch, ex, T)
