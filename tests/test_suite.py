@@ -47,7 +47,7 @@ def _job(sweep: Path, num: int, overrides: list[str], main=None, abl=None, error
 
 def test_aggregate_hand_made_job_dirs(tmp_path):
     sweep = tmp_path / "_suite" / "s1"
-    ov = lambda d: ["experiment=suite_tiny", f"task.difficulty={d}"]  # noqa: E731
+    ov = lambda d: ["experiment=suite_tiny", f"task.difficulty={d}", "outputs.suite_id='s1'"]  # noqa: E731
     _job(sweep, 0, ov(1), main=[_row("greedy", 0.5, extra_col="x"), _row("esm", 0.6667)],
          abl=[_row("esm", 0.6667), _row("no_memory", 0.3333)], gpu="0")  # fmt: skip
     _job(sweep, 1, ov(2), main=[_row("greedy", 0.1667), _row("esm", 0.3333)],
@@ -65,7 +65,9 @@ def test_aggregate_hand_made_job_dirs(tmp_path):
 
     # one row per job x method, plus one row for the failed job
     assert len(main) == 5
-    assert list(main.columns[:7]) == ["job_num", "status", "error", "gpu", "experiment", "task.difficulty", "overrides"]
+    assert list(main.columns[:8]) == ["job_num", "status", "error", "gpu", "experiment", "task.difficulty",
+                                      "outputs.suite_id", "overrides"]  # fmt: skip
+    assert main["outputs.suite_id"].unique().tolist() == ["s1"]  # Hydra's quotes dropped
     assert set(COLS) <= set(main.columns) and "extra_col" in main.columns  # extra columns kept
     assert main["job_num"].tolist() == [0, 0, 1, 1, 2]
     assert main["method"].tolist()[:4] == ["greedy", "esm", "greedy", "esm"]
@@ -78,7 +80,7 @@ def test_aggregate_hand_made_job_dirs(tmp_path):
     assert pd.isna(failed["accuracy"]) and pd.isna(failed["method"])
     assert main.loc[main["status"] == "ok", "error"].isna().all()
     assert main.loc[(main.job_num == 1) & (main.method == "esm"), "accuracy"].item() == pytest.approx(0.3333)
-    assert main.loc[0, "overrides"] == "experiment=suite_tiny task.difficulty=1"
+    assert main.loc[0, "overrides"] == "experiment=suite_tiny task.difficulty=1 outputs.suite_id='s1'"
 
     assert len(abl) == 5 and abl["method"].tolist()[:4] == ["esm", "no_memory", "esm", "no_memory"]
     assert abl["status"].tolist() == ["ok"] * 4 + ["failed"]

@@ -64,8 +64,23 @@ def parse_overrides(items: list[Any]) -> dict[str, str]:
         key, eq, value = s.partition("=")
         if not eq:
             continue
-        out[key.lstrip("+~")] = value
+        out[key.lstrip("+~")] = _unquote(value)
     return out
+
+
+def _unquote(value: str) -> str:
+    """Hydra writes some string values quoted (``outputs.suite_id='kscale'``): drop the quotes."""
+    v = value.strip()
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        try:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            parsed = OverridesParser.create().parse_override(f"k={v}").value()
+            if isinstance(parsed, str):
+                return parsed
+        except Exception:  # noqa: BLE001 - not Hydra syntax: keep it as written
+            pass
+    return value
 
 
 def _first_line(text: str) -> str:
