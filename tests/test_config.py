@@ -35,7 +35,7 @@ def test_every_group_choice_composes_and_validates(group, option):
     if group == "model":
         assert cfg.model.name_or_path
     if group == "task":
-        assert cfg.task.dataset == option
+        assert cfg.task.dataset == option or option.startswith(cfg.task.dataset + "_")
     if group == "prompt":
         assert cfg.prompt.template == option
     if group == "online":

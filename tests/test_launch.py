@@ -141,7 +141,7 @@ def test_gpu_pool_n_jobs_from_launch_gpus():
     cfg = _compose(["hydra/launcher=gpu_pool"])  # the default: CPU, one job at a time
     assert cfg.hydra.launcher.n_jobs == 1
     cfg = _compose(["experiment=suite_tiny"])
-    assert cfg.hydra.launcher.n_jobs == 1 and cfg.hydra.sweeper.params["task.difficulty"] == "1,2"
+    assert cfg.hydra.launcher.n_jobs == 1 and cfg.hydra.sweeper.params["task"] == "arith,arith_d2"
     assert cfg.eval.run_offline_if_missing is True
     assert cfg.hydra.callbacks.suite._target_ == "esm_steer.evaluate.suite.SuiteCallback"
 
@@ -168,7 +168,7 @@ def test_slurm_launcher_composes_without_a_cluster(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SlurmLauncher" in out.stdout and "partition: gpu" in out.stdout
-    assert "gpus_per_node: ${oc.select:launch.slurm.gpus_per_node,1}" in out.stdout
+    assert "gpus_per_node: ${launch.slurm.gpus_per_node}" in out.stdout
     assert not called.exists()
     assert not (tmp_path / "outputs").exists()
 

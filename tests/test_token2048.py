@@ -294,3 +294,19 @@ def test_other_config_refused_on_resume(tmp_path, tokenizer):
     run_stage(tmp_path, FakeEngine(tokenizer), stage="continue")
     with pytest.raises(RunError, match="another chunking"):
         run_stage(tmp_path, FakeEngine(tokenizer), stage="continue", questions_per_shard=2)
+
+
+def test_shard_jobs_share_files_through_run_dir(tmp_path, tokenizer):
+    """A multirun shard job has its own job dir; token2048.run_dir points it at the run's files."""
+    shared, job0, job1 = tmp_path / "run", tmp_path / "job0", tmp_path / "job1"
+    run_stage(shared, FakeEngine(tokenizer), stage="sample")
+    run_stage(shared, FakeEngine(tokenizer), stage="prepare")
+    for i, job in enumerate((job0, job1)):
+        job.mkdir()
+        run_stage(job, FakeEngine(tokenizer), stage="continue", shard_index=i, num_shards=2, run_dir=str(shared))
+        assert not (job / "token2048").exists()
+    summary = run_stage(shared, FakeEngine(tokenizer), stage="select", num_shards=2)
+    assert summary is not None
+    unsharded = tmp_path / "one"
+    run_stage(unsharded, FakeEngine(tokenizer))
+    pd.testing.assert_frame_equal(read(shared, schema.FINAL), read(unsharded, schema.FINAL))

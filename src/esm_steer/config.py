@@ -56,7 +56,7 @@ class TaskConfig:
 
 @dataclass
 class PromptConfig:
-    template: str = "arith_3shot"  # a name in esm_steer.data.prompts.PROMPTS
+    template: str = "auto"  # a name in esm_steer.data.prompts.PROMPTS; auto: the task's default
     system: Optional[str] = None  # system message; null: the template's / model's default
 
 
@@ -157,12 +157,31 @@ class Token2048Config:
     shard_index: int = 0
     num_shards: int = 1
     out_dir: str = "token2048"  # under the run dir
+    # the run dir holding the token-2048 files; null: this run's dir. Set it (a path, or
+    # outputs/<run_name>/<run_id>) so that the jobs of a shard sweep share one set of files
+    run_dir: Optional[str] = None
+
+
+@dataclass
+class SlurmLaunchConfig:
+    """hydra/launcher=slurm resources (one task and one GPU per job)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    timeout_min: int = 240
+    mem_gb: int = 64
+    cpus_per_task: int = 8
+    gpus_per_node: int = 1
+    array_parallelism: int = 256
 
 
 @dataclass
 class LaunchConfig:
     gpus: str = ""  # "0,1": one job per GPU; "": CPU
     cpu_jobs: int = 1  # jobs at once when gpus is empty
+    gpu_wait_s: float = 600.0  # how long a job waits for a free GPU of the pool
+    slurm: SlurmLaunchConfig = field(default_factory=SlurmLaunchConfig)
 
 
 @dataclass

@@ -62,13 +62,6 @@ def n_jobs(gpus: Any, cpu_jobs: Any = 1) -> int:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("esm_n_jobs", n_jobs, replace=True)
-    # The suite id is a timestamp taken once per process. Launcher workers (loky, submitit)
-    # re-compose the job config and would resolve their own timestamp, so the jobs would land
-    # in another sweep dir than the one the launcher and the suite callback use. With the
-    # cache on, Hydra's load_sweep_config copies the launcher's resolved value into every job.
-    from esm_steer import runs
-
-    OmegaConf.register_new_resolver("esm_suite_id", runs._suite_id, replace=True, use_cache=True)
 
 
 register_resolvers()

@@ -73,7 +73,9 @@ def _suite_id(suite_id: str | None) -> str:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("esm_run_id", resolve_run_id, replace=True)
-    OmegaConf.register_new_resolver("esm_suite_id", _suite_id, replace=True)
+    # cached: launcher workers (loky, submitit) re-compose the job config and would otherwise
+    # resolve their own timestamp; with the cache Hydra copies the launcher's value into jobs
+    OmegaConf.register_new_resolver("esm_suite_id", _suite_id, replace=True, use_cache=True)
 
 
 register_resolvers()

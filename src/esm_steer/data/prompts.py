@@ -67,6 +67,20 @@ def _fill(t: PromptTemplate, question: str, choices: list[str] | None) -> str:
     return t.user.format(question=question, choices="\n".join(choices or []))
 
 
+AUTO = "auto"  # prompt.template=auto: the task's default template
+
+
+def resolve_template(template: str, task: str) -> str:
+    """The template name to use: ``auto`` becomes the task's default (gsm8k -> gsm8k_0shot...)."""
+    if template != AUTO:
+        return template
+    from esm_steer.data.tasks import TASKS
+
+    if task not in TASKS:
+        raise DataError(f"prompt.template=auto: unknown task {task!r}; known: {', '.join(TASKS)}")
+    return TASKS[task].prompt
+
+
 def build_messages(template: str, example: Example, system: str | None = None) -> list[dict]:
     """Chat messages for one example: [system], few-shot turns, then the question."""
     t = PROMPTS.get(template)

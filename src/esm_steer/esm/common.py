@@ -51,11 +51,11 @@ def load_examples(cfg: DictConfig, split: str, max_examples: int | None | str = 
 
 def prompt_ids(engine_or_tokenizer: Any, cfg: DictConfig, examples: Sequence) -> list[list[int]]:
     """Chat-templated prompt token ids (cfg.prompt.template, cfg.prompt.system) per example."""
-    from esm_steer.data.prompts import build_messages, render_prompt_ids
+    from esm_steer.data.prompts import build_messages, render_prompt_ids, resolve_template
 
     tok = getattr(engine_or_tokenizer, "tokenizer", engine_or_tokenizer)
     return [
-        list(render_prompt_ids(tok, build_messages(cfg.prompt.template, ex, system=cfg.prompt.system)))
+        list(render_prompt_ids(tok, build_messages(resolve_template(cfg.prompt.template, cfg.task.dataset), ex, system=cfg.prompt.system)))
         for ex in examples
     ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from esm_steer.runs import RunError
+from esm_steer.runs import RunError, resolve_run_path
 from esm_steer.token2048 import schema
 from esm_steer.token2048.continue_ import run_continue
 from esm_steer.token2048.prepare import run_prepare
@@ -55,7 +55,8 @@ class _Lazy:
 def run(cfg, run, engine=None) -> dict | None:
     """Run ``cfg.stage.name`` in ``run.dir``; returns select's summary when select ran."""
     t = cfg.token2048
-    out = Path(run.dir) / t.out_dir
+    base = resolve_run_path(t.run_dir) if t.run_dir else Path(run.dir)
+    out = base / t.out_dir
     out.mkdir(parents=True, exist_ok=True)
     stage = cfg.stage.name
     todo = STAGES if stage == "all" else (stage,)

@@ -37,9 +37,9 @@ def load_questions(cfg) -> list:
 
 
 def prompt_ids(tokenizer, cfg, example) -> list[int]:
-    from esm_steer.data.prompts import build_messages, render_prompt_ids
+    from esm_steer.data.prompts import build_messages, render_prompt_ids, resolve_template
 
-    return render_prompt_ids(tokenizer, build_messages(cfg.prompt.template, example, system=cfg.prompt.system))
+    return render_prompt_ids(tokenizer, build_messages(resolve_template(cfg.prompt.template, cfg.task.dataset), example, system=cfg.prompt.system))
 
 
 def run_sample(cfg, out: Path, engine, examples: list | None = None) -> Path:
@@ -53,7 +53,7 @@ def run_sample(cfg, out: Path, engine, examples: list | None = None) -> Path:
         return target
     if examples is None:
         examples = load_questions(cfg)
-    if cfg.task.dataset == "dapo_math" and cfg.prompt.template != "dapo":
+    if cfg.task.dataset == "dapo_math" and cfg.prompt.template not in ("dapo", "auto"):
         log.warning("task=dapo_math with prompt=%s: the math_dapo grader expects prompt=dapo", cfg.prompt.template)
 
     if callable(engine):
