@@ -134,6 +134,27 @@ def test_fork_continues_like_the_original_row(lively, prompts, temperature):
     assert batch.tokens(r0) == ref.tokens(ref.active_rows()[0])
 
 
+def test_fork_many_equals_separate_forks(lively, prompts):
+    """One cache select for several rows gives the same rows as one fork call per row."""
+    one, many = lively.start(prompts), lively.start(prompts)
+    for b in (one, many):
+        for _ in range(2):
+            b.step()
+    rows = one.active_rows()
+    v = torch.randn(64)
+    sep = {r: one.fork(r, 2) for r in rows[:2]}
+    got = many.fork_many({r: 2 for r in rows[:2]})
+    assert [len(x) for x in got.values()] == [2, 2]
+    for b, forks in ((one, sep), (many, got)):
+        b.set_steer(forks[rows[0]][1], v)
+    for _ in range(4):
+        one.step()
+        many.step()
+    for r in rows[:2]:
+        for a, b in zip(sep[r], got[r]):
+            assert one.tokens(a) == many.tokens(b)
+
+
 def test_fork_copies_steering_and_tracker(lively, prompts):
     batch = lively.start(prompts[:1], segment_delimiter="\n\n")
     r = batch.active_rows()[0]

@@ -355,23 +355,33 @@ class HFDecodeBatch:
     def fork(self, row: int, n: int, seeds: Sequence[int] | None = None) -> list[int]:
         """n exact copies of `row`. With `seeds`, copy k draws from a fresh generator seeded
         seeds[k] (n independent samples); without, it continues the row's RNG state."""
-        i = self._live_index(row)
-        if n <= 0:
-            return []
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"fork: {n} rows but {len(seeds)} seeds")
-        src = self._rows[row]
-        new = []
-        for k in range(n):
-            if seeds is not None:
-                g = self._new_generator(seeds[k])
-            else:
-                g = torch.Generator(device=self.device)
-                g.set_state(src.generator.get_state())
-            new.append(self._add_row(src.clone(g)))
-        index = list(range(len(self._order) - n)) + [i] * n
-        with torch.inference_mode():
-            self._select(torch.tensor(index, dtype=torch.long, device=self.device))
+        return self.fork_many({row: n}, None if seeds is None else {row: seeds})[row]
+
+    def fork_many(
+        self, requests: dict[int, int], seeds: dict[int, Sequence[int]] | None = None
+    ) -> dict[int, list[int]]:
+        """Fork several rows at once ({row: n} -> {row: new rows}) with ONE select of the
+        cache, instead of one full cache copy per forked row."""
+        index = list(range(len(self._order)))
+        new: dict[int, list[int]] = {}
+        for row, n in requests.items():
+            i = self._live_index(row)
+            src = self._rows[row]
+            row_seeds = (seeds or {}).get(row)
+            new[row] = []
+            for k in range(max(n, 0)):
+                if row_seeds is not None:
+                    g = self._new_generator(row_seeds[k])
+                else:
+                    g = torch.Generator(device=self.device)
+                    g.set_state(src.generator.get_state())
+                new[row].append(self._add_row(src.clone(g)))
+                index.append(i)
+        if any(new.values()):
+            with torch.inference_mode():
+                self._select(torch.tensor(index, dtype=torch.long, device=self.device))
         return new
 
     def drop(self, rows: Sequence[int]) -> None:
