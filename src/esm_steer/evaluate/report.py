@@ -238,9 +238,13 @@ def tokens_histogram(by_method: Mapping[str, Sequence[dict]], out_dir: str | Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.linspace(0, max(t_max, 1), min(40, max(t_max, 1)) + 1)
-    for m, recs in by_method.items():
-        ax.hist([r["tokens_used"] for r in recs], bins=bins, histtype="step", linewidth=1.5, label=f"{m} (n={len(recs)})")
+    t = max(int(t_max), 1)
+    bins = np.arange(0, t + 2) - 0.5 if t <= 80 else np.linspace(0, t, 41)  # one bar per token count when few
+    styles = ["-", "--", "-.", ":"]
+    for i, (m, recs) in enumerate(by_method.items()):
+        # step outlines, thickest first and dashed, so that identical histograms stay visible
+        ax.hist([r["tokens_used"] for r in recs], bins=bins, histtype="step", linewidth=3.0 - 0.6 * min(i, 3),
+                linestyle=styles[i % len(styles)], label=f"{m} (n={len(recs)})")  # fmt: skip
     ax.axvline(t_max, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("tokens used (kept)")
     ax.set_ylabel("examples")
