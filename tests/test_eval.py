@@ -263,3 +263,14 @@ def test_rerun_with_other_online_settings_refuses_to_mix_records(tmp_path, fakes
     cfg3 = compose_cfg(["eval.methods=[esm]", "online.k_scale=0.5", "eval.tag=k05"])
     ev.run(cfg3, Run(tmp_path, cfg3), engine=FakeEngine())  # a new tag is a new record log
     assert len(read_jsonl(tmp_path / "eval" / "k05_esm_T16" / "per_example.jsonl")) == N
+
+
+def test_a_finished_eval_reruns_without_a_model(tmp_path, fakes, monkeypatch):
+    cfg = compose_cfg(["eval.methods=[greedy,esm]"])
+    run = Run(make_artifacts(tmp_path), cfg)
+    ev.run(cfg, run, engine=FakeEngine())
+    (tmp_path / "tables" / "main_results_single.csv").unlink()
+    monkeypatch.setattr(common, "build_engine", lambda cfg: pytest.fail("no engine needed"))
+    ev.run(cfg, run)
+    main = pd.read_csv(tmp_path / "tables" / "main_results_single.csv")
+    assert len(main) == 2 and list(main["model"]) == ["fake", "fake"]

@@ -220,25 +220,32 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         log.info("offline artifacts (library/, memory/) read from %s", artifact_dir)
 
     examples = common.load_examples(cfg, cfg.task.eval_split)
-    engine = engine if engine is not None else common.build_engine(cfg)
-    prompts = common.prompt_ids(engine, cfg, examples)
     ids = [str(ex.id) for ex in examples]
     log.info("eval: %d examples of %s/%s, T_max=%d, methods %s", len(examples), cfg.task.dataset, cfg.task.eval_split, t_max, methods)
+    tags = {m: R.method_tag(m, t_max, cfg.eval.tag) for m in methods}
+    appenders = {m: R.open_records(R.per_example_path(run.dir, tags[m]), R.fingerprint(cfg, [m], artifact_dir)) for m in methods}
+    todo = any(i not in a.done_keys for a in appenders.values() for i in ids)
+    if todo and engine is None:
+        engine = common.build_engine(cfg)
+    elif not todo:
+        log.info("every record is already on disk: only the reports are rewritten")
+    prompts = common.prompt_ids(engine, cfg, examples) if todo else []
 
     by_method: dict[str, list[dict]] = {}
     cache: dict = {}
     for method in methods:
-        tag = R.method_tag(method, t_max, cfg.eval.tag)
-        appender = R.open_records(R.per_example_path(run.dir, tag), R.fingerprint(cfg, [method], artifact_dir))
-        generate, to_record = make_generator(method, engine, cfg, artifact_dir, cache)
-        wall = generate_records(examples, prompts, generate, to_record, appender, cfg.task.dataset,
-                                int(cfg.model.batch_size), desc=f"eval {method}")  # fmt: skip
+        tag, appender = tags[method], appenders[method]
+        wall = 0.0
+        if any(i not in appender.done_keys for i in ids):
+            generate, to_record = make_generator(method, engine, cfg, artifact_dir, cache)
+            wall = generate_records(examples, prompts, generate, to_record, appender, cfg.task.dataset,
+                                    int(cfg.model.batch_size), desc=f"eval {method}")  # fmt: skip
         recs = {r["id"]: r for r in appender.records}
         by_method[method] = [recs[i] for i in ids if i in recs]  # this run's examples, in order
         atomic_write_json(
             run.path("eval", tag, "meta.json"),
             {
-                "method": method, "T_max": t_max, "n": len(by_method[method]), "artifact_run_dir": str(artifact_dir) if method != "greedy" else None,
+                "method": method, "model_id": model_id_of(engine, run, tags.values()), "T_max": t_max, "n": len(by_method[method]), "artifact_run_dir": str(artifact_dir) if method != "greedy" else None,
                 "online": OmegaConf.to_container(online_cfg_for(cfg, method)) if method != "greedy" else None,
                 "wall_s_this_invocation": wall, "wall_s_total": sum(r.get("wall_s", 0.0) for r in by_method[method]),
             },
@@ -246,8 +253,25 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         log.info("eval %s: accuracy %.3f on %d (%.1fs generation this run)", method,
                  report.summarize(by_method[method])["accuracy"], len(by_method[method]), wall)  # fmt: skip
 
-    write_reports(cfg, run, by_method, model_id=getattr(getattr(engine, "info", None), "model_id", None), artifact_dir=artifact_dir)
+    write_reports(cfg, run, by_method, model_id=model_id_of(engine, run, tags.values()), artifact_dir=artifact_dir)
     return by_method
+
+
+def model_id_of(engine, run: Run, tags) -> str | None:
+    """The engine's model id; without an engine (nothing left to generate) the one recorded
+    in the eval dirs' meta.json, so the tables name the model the same way on every rerun."""
+    mid = getattr(getattr(engine, "info", None), "model_id", None)
+    if mid:
+        return mid
+    import json
+
+    for tag in tags:
+        meta = run.path("eval", tag, "meta.json")
+        if meta.exists():
+            mid = json.loads(meta.read_text()).get("model_id")
+            if mid:
+                return mid
+    return None
 
 
 def write_reports(cfg: DictConfig, run: Run, by_method: dict, model_id: str | None = None, artifact_dir: Path | None = None):
