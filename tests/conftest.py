@@ -78,3 +78,20 @@ def tiny_engine(tokenizer, tiny_model):
     engine = HFEngine(tiny_model, tokenizer, batch_size=8)
     yield engine
     engine._hook.remove()  # the model is shared by the session: leave it unhooked
+
+
+@pytest.fixture(scope="module")
+def lively_engine(tokenizer):
+    """An HF engine on a tiny model whose greedy output varies from token to token."""
+    from esm_steer.engine.hf import HFEngine
+
+    engine = HFEngine(make_lively_model(len(tokenizer)), tokenizer, batch_size=8)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def three_prompts(tokenizer):
+    """Three prompts of different lengths (left padding matters)."""
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [enc("Hello there, how are you doing today my friend?"), enc("What is 2 + 3?"), enc("Count:")]

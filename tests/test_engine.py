@@ -13,18 +13,13 @@ from esm_steer.esm.segments import control_point_offsets, token_pieces
 
 
 @pytest.fixture(scope="module")
-def lively(tokenizer):
-    """An engine whose greedy output varies from token to token (weights scaled up)."""
-    engine = HFEngine(make_lively_model(len(tokenizer)), tokenizer, batch_size=8)
-    yield engine
-    engine.close()
+def lively(lively_engine):
+    return lively_engine
 
 
 @pytest.fixture(scope="module")
-def prompts(tokenizer):
-    """Three prompts of different lengths (left padding matters)."""
-    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return [enc("Hello there, how are you doing today my friend?"), enc("What is 2 + 3?"), enc("Count:")]
+def prompts(three_prompts):
+    return three_prompts
 
 
 def _plain_forward_logits(model, prompts, pad_id, forced):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_lively_model
 from esm_steer.config import ControlPointsConfig, OnlineConfig
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.engine.hf import HFDecodeBatch, HFEngine
@@ -27,16 +26,13 @@ CP = ControlPointsConfig(segment_delimiter="er", M=4)
 
 
 @pytest.fixture(scope="module")
-def engine(tokenizer):
-    engine = HFEngine(make_lively_model(len(tokenizer)), tokenizer, batch_size=8)
-    yield engine
-    engine.close()
+def engine(lively_engine):
+    return lively_engine
 
 
 @pytest.fixture(scope="module")
-def prompts(tokenizer):
-    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return [enc("Hello there, how are you doing today my friend?"), enc("What is 2 + 3?"), enc("Count:")]
+def prompts(three_prompts):
+    return three_prompts
 
 
 @pytest.fixture(scope="module")

@@ -98,10 +98,7 @@ def build_messages(template: str, example: Example, system: str | None = None) -
 
 
 def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat-templated prompt, ending with the assistant turn's header.
+    """Token ids of the chat-templated prompt, ending with the assistant turn's header."""
+    from esm_steer.engine.base import chat_prompt_ids
 
-    Rendered to text first (transformers 5 returns a dict from tokenize=True), then encoded
-    without special tokens since the template already wrote them.
-    """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return chat_prompt_ids(tokenizer, messages, add_generation_prompt=True)

@@ -60,6 +60,30 @@ class EngineInfo:
     extra: dict = field(default_factory=dict)
 
 
+def chat_prompt_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of chat messages through the tokenizer's chat template.
+
+    Rendered to text first (in transformers 5 ``tokenize=True`` returns a dict), then encoded
+    without special tokens, since the template already wrote them.
+    """
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class ChatEncoding:
+    """``encode_messages`` / ``encode_chat`` for an engine with a ``tokenizer``."""
+
+    tokenizer: object
+
+    def encode_messages(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt)
+
+    def encode_chat(self, user: str, system: str | None = None) -> list[int]:
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": user})
+        return self.encode_messages(messages)
+
+
 @runtime_checkable
 class Engine(Protocol):
     """The small model interface of lm-evaluation-harness, for this package's needs."""

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, EngineInfo, Sample, SamplingSpec
+from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, ChatEncoding, EngineInfo, Sample, SamplingSpec
 from esm_steer.esm.segments import SegmentTracker
 
 log = logging.getLogger(__name__)
@@ -515,7 +515,7 @@ class HFDecodeBatch:
         assert self._logits.shape[0] == B
 
 
-class HFEngine:
+class HFEngine(ChatEncoding):
     """transformers backend (implements ``base.Engine``); CPU or GPU."""
 
     def __init__(
@@ -597,17 +597,7 @@ class HFEngine:
 
     # ------------------------------------------------------------------ prompts
 
-    def encode_messages(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of chat messages through the chat template."""
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode_chat(self, user: str, system: str | None = None) -> list[int]:
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": user})
-        return self.encode_messages(messages)
+    # encode_messages / encode_chat: ChatEncoding
 
     # ------------------------------------------------------------------ the layer-ℓ hook
 

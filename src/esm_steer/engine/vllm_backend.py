@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, EngineInfo, Sample, SamplingSpec
+from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, ChatEncoding, EngineInfo, Sample, SamplingSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _set_vllm_env(cache_dir: str | None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-class VLLMEngine:
+class VLLMEngine(ChatEncoding):
     """vLLM backend (implements ``base.Engine`` minus hidden states)."""
 
     def __init__(self, llm, tokenizer, info: EngineInfo, seed: int = 0, eos_token_ids: set[int] | None = None):
@@ -106,16 +106,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ prompts
 
-    def encode_messages(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode_chat(self, user: str, system: str | None = None) -> list[int]:
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": user})
-        return self.encode_messages(messages)
+    # encode_messages / encode_chat: ChatEncoding
 
     # ------------------------------------------------------------------ generation
 
