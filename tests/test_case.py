@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 
 from esm_steer.evaluate import case as C
-from esm_steer.evaluate import eval as ev
 from esm_steer.evaluate.report import case_markdown
 from esm_steer.io import read_jsonl
 from esm_steer.runs import Run, RunError

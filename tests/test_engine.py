@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_lively_model
 from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, DecodeBatch, Engine, SamplingSpec
 from esm_steer.engine.hf import HFEngine, mix_seed
 from esm_steer.esm.segments import control_point_offsets, token_pieces

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from esm_steer.config import ModelConfig
 from esm_steer.engine import FINISH_STOP, SamplingSpec, load_engine

@@ -33,7 +33,7 @@ STAGES: dict[str, dict[str, str]] = {
     "eval": {"eval": "esm_steer.evaluate.eval:run"},
     "case": {"case": "esm_steer.evaluate.case:run"},
     "token2048": {
-        s: f"esm_steer.token2048.pipeline:run" for s in ("sample", "prepare", "continue", "select", "all")
+        s: "esm_steer.token2048.pipeline:run" for s in ("sample", "prepare", "continue", "select", "all")
     },
 }
 

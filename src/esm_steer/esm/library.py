@@ -36,6 +36,36 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# ---------------------------------------------------------------- steering tensors on disk
+# mine/ and library/ share one format: vectors/<id>.pt (v [d]) and keys/<id>.pt
+# ({"key": [d], "states": [n, d]}).
+
+
+def save_steering(root: Path, item_id: str, vector: torch.Tensor, key: torch.Tensor, states: torch.Tensor) -> None:
+    atomic_torch_save(root / "vectors" / f"{item_id}.pt", vector.detach().float().contiguous())
+    atomic_torch_save(
+        root / "keys" / f"{item_id}.pt",
+        {"key": key.detach().float().contiguous(), "states": states.detach().float().contiguous()},
+    )
+
+
+def prune_steering(root: Path, keep: set[str]) -> None:
+    """Remove tensors of ids no longer listed (a rerun with a smaller pool leaves none stale)."""
+    for sub in ("vectors", "keys"):
+        for p in (root / sub).glob("*.pt"):
+            if p.stem not in keep:
+                p.unlink()
+
+
+def load_steering(root: Path, item_id: str, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(vector, key, states) of one id; RunError naming the stage that writes a missing file."""
+    from esm_steer.esm.common import require
+
+    vpath = require(root / "vectors" / f"{item_id}.pt", stage)
+    keys = torch.load(require(root / "keys" / f"{item_id}.pt", stage), map_location="cpu", weights_only=True)
+    return torch.load(vpath, map_location="cpu", weights_only=True), keys["key"], keys["states"]
+
+
 @dataclass
 class Tool:
     tool_id: str
@@ -87,16 +117,8 @@ class Library:
         """Write every file; library.jsonl goes last so a complete jsonl means a complete library."""
         root = Path(run_dir) / LIBRARY_DIR
         for t in self.tools:
-            atomic_torch_save(root / "vectors" / f"{t.tool_id}.pt", t.vector.detach().float().contiguous())
-            atomic_torch_save(
-                root / "keys" / f"{t.tool_id}.pt",
-                {"key": t.key.detach().float().contiguous(), "states": t.states.detach().float().contiguous()},
-            )
-        keep = {t.tool_id for t in self.tools}
-        for sub in ("vectors", "keys"):  # a rerun with a smaller B leaves no stale tools
-            for p in (root / sub).glob("*.pt"):
-                if p.stem not in keep:
-                    p.unlink()
+            save_steering(root, t.tool_id, t.vector, t.key, t.states)
+        prune_steering(root, {t.tool_id for t in self.tools})
         atomic_write_json(root / "meta.json", self.meta)
         atomic_write_jsonl(root / "library.jsonl", [t.record() for t in self.tools])
         return root
@@ -115,20 +137,16 @@ class Library:
         tools = []
         for r in read_jsonl(jsonl):
             tid = r["tool_id"]
-            vpath, kpath = root / "vectors" / f"{tid}.pt", root / "keys" / f"{tid}.pt"
-            for p in (vpath, kpath):
-                if not p.exists():
-                    raise RunError(f"missing {p} (made by esm-select; rerun it into this run dir)")
-            keys = torch.load(kpath, map_location="cpu", weights_only=True)
+            vector, key, states = load_steering(root, tid, "select")
             tools.append(
                 Tool(
                     tool_id=tid,
                     question_id=str(r["question_id"]),
                     m=int(r["m"]),
                     Q=float(r["Q"]),
-                    vector=torch.load(vpath, map_location="cpu", weights_only=True),
-                    key=keys["key"],
-                    states=keys["states"],
+                    vector=vector,
+                    key=key,
+                    states=states,
                     meta=r.get("meta", {}),
                 )
             )

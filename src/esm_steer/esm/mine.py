@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm import common
+from esm_steer.esm.library import load_steering, prune_steering, save_steering
 from esm_steer.esm.segments import control_point_offsets, segment_spans, token_pieces
-from esm_steer.io import JsonlAppender, atomic_torch_save, atomic_write_json, atomic_write_jsonl, read_jsonl
+from esm_steer.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from esm_steer.runs import RunError, write_latest
 
 log = logging.getLogger(__name__)
@@ -328,13 +329,8 @@ def write_candidates(mine_dir: Path, cands: Sequence[Candidate]) -> None:
     """keys/<id>.pt ({"key", "states"}), vectors/<id>.pt, then candidates.jsonl (last: its
     presence means the rest is complete); stale files of an earlier run are removed."""
     for c in cands:
-        atomic_torch_save(mine_dir / "vectors" / f"{c.id}.pt", c.vector.contiguous())
-        atomic_torch_save(mine_dir / "keys" / f"{c.id}.pt", {"key": c.key.contiguous(), "states": c.states.contiguous()})
-    ids = {c.id for c in cands}
-    for sub in ("vectors", "keys"):
-        for p in (mine_dir / sub).glob("*.pt"):
-            if p.stem not in ids:
-                p.unlink()
+        save_steering(mine_dir, c.id, c.vector, c.key, c.states)
+    prune_steering(mine_dir, {c.id for c in cands})
     atomic_write_jsonl(mine_dir / "candidates.jsonl", [c.record() for c in cands])
 
 
@@ -347,17 +343,15 @@ def load_candidates(run_dir: str | Path) -> tuple[list[Candidate], dict]:
     summary = json.loads(common.require(mine_dir / "summary.json", "mine").read_text())
     out = []
     for r in read_jsonl(jsonl):
-        vp = common.require(mine_dir / "vectors" / f"{r['id']}.pt", "mine")
-        kp = common.require(mine_dir / "keys" / f"{r['id']}.pt", "mine")
-        keys = torch.load(kp, map_location="cpu", weights_only=True)
+        vector, key, states = load_steering(mine_dir, r["id"], "mine")
         out.append(
             Candidate(
                 question_id=str(r["question_id"]),
                 m=int(r["m"]),
                 Q=float(r["Q"]),
-                vector=torch.load(vp, map_location="cpu", weights_only=True),
-                key=keys["key"],
-                states=keys["states"],
+                vector=vector,
+                key=key,
+                states=states,
                 n_pos=int(r["n_pos"]),
                 n_neg=int(r["n_neg"]),
                 id=r["id"],
