@@ -80,6 +80,13 @@ def test_seed_schema_keys_exist():
     assert cfg.control_points.segment_delimiter == "\n\n"
 
 
+@pytest.mark.parametrize("task,difficulty", [("arith", 1), ("arith_d2", 2)])
+def test_experiments_keep_the_swept_tasks_own_values(task, difficulty):
+    for exp in ("suite_tiny", "debug"):
+        cfg = _compose("eval", [f"experiment={exp}", f"task={task}"])
+        assert cfg.task.dataset == "arith" and cfg.task.difficulty == difficulty
+
+
 def test_experiment_overrides_groups():
     cfg = _compose("eval", ["experiment=gsm8k_recommended_small"])
     assert cfg.model.name_or_path == "Qwen/Qwen3-4B-Instruct-2507"

@@ -22,6 +22,7 @@ def test_wilson_interval_known_values():
     lo, hi = report.wilson_ci(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     assert all(math.isnan(x) for x in report.wilson_ci(0, 0))
+    assert report.wilson_ci(0, 6)[0] == 0.0 and report.wilson_ci(6, 6)[1] == 1.0  # no 1e-17 residue
 
 
 def test_paired_bootstrap_contains_the_true_difference_and_is_centred():
