@@ -175,7 +175,7 @@ def test_last_hidden_equals_teacher_forced(lively, prompts):
     for p, r, h in zip(prompts, rows, teacher):
         assert h.dtype == torch.float32 and h.shape == (len(p) + 6, 64)
         got = torch.stack(captured[r])
-        torch.testing.assert_close(got, h[len(p) - 1 :], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, h[len(p) - 1 :], atol=5e-5, rtol=1e-4)  # float32 noise: cache vs full pass
 
 
 def test_hidden_states_other_layer_and_padding(lively, prompts):

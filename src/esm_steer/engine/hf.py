@@ -19,6 +19,7 @@ output). Outside a batch forward the hook does nothing, so teacher-forced passes
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -232,7 +233,7 @@ class HFDecodeBatch:
                 input_ids=input_ids,
                 attention_mask=self._mask,
                 position_ids=position_ids,
-                past_key_values=self._cache,
+                **{self.engine.cache_kwarg: self._cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -554,6 +555,9 @@ class HFEngine(ChatEncoding):
             dtype=str(self.dtype).removeprefix("torch."),
             backend="hf",
         )
+        # transformers 5.24 renamed forward(past_key_values=) to cache= (the old name warns)
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._hook_ctx: _HookContext | None = None
         self._hook = self.layers[self.steer_layer].register_forward_hook(self._steer_hook, prepend=True)
 
