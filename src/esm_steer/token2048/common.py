@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from esm_steer.data import grading
 from esm_steer.engine.base import Sample, SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ def stage1_meta(cfg) -> dict:
         "model.gguf_file": cfg.model.gguf_file,
         "task.dataset": cfg.task.dataset,
         "task.split": cfg.task.train_split,
+        "token2048.data_path": t.data_path,
         "prompt.template": cfg.prompt.template,
         "prompt.system": cfg.prompt.system,
         "seed": int(cfg.seed),
@@ -54,6 +57,7 @@ def stage3_meta(cfg) -> dict:
         "token2048.n_cont": int(t.n_cont),
         "token2048.max_new_tokens": int(t.max_new_tokens),
         "token2048.grader": grader_kind(cfg),
+        "token2048.continue_finished": bool(t.continue_finished),
     }
 
 
@@ -69,15 +73,16 @@ def grader_kind(cfg) -> str:
 
 
 def grade(response: str, gold: str, kind: str) -> tuple[bool, str | None, str | None]:
-    """(is_correct, extracted answer, error). A grader crash is an error, not a stop."""
-    from esm_steer.data import grading
+    """(is_correct, extracted answer, error). A grader crash is an error, not a stop.
 
-    if not response or not response.strip():
-        return False, None, "empty generation"
+    An empty generation is a wrong answer, not an error: verl's math_dapo scores it -1 with
+    pred "[INVALID]" (compute_score_dapo does the same); other graders find no answer in it."""
     try:
         if kind == "math_dapo":
-            s = grading.compute_score_dapo(response, gold)
+            s = grading.compute_score_dapo(response or "", gold)
             return bool(s["acc"]), s["pred"], None
+        if not response or not response.strip():
+            return False, None, None
         pred = grading.extract_answer(response, grading.kind_for_task(kind))
         return bool(grading.grade(response, gold, kind)), pred, None
     except Exception as e:  # noqa: BLE001 - one bad rollout must not stop 800k others

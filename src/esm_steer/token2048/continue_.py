@@ -2,9 +2,12 @@
 
 One engine request per prefix with ``n = n_cont``: the prefix is encoded once and its KV cache
 shared by the n continuations (HF: prefill then fork; vLLM: ``SamplingParams(n)`` + prefix
-caching), never n re-encodings. A prefix that already finished (EOS in stage 1) is graded as
-is and its n_cont rows are marked ``prefix_finished`` with an empty continuation; a prefix
-whose stage-1 generation failed gets error rows. Neither is generated.
+caching), never n re-encodings. A prefix that already finished (EOS in stage 1) is continued
+like the others, as the seed does: its prompt has no end-of-turn token (prepare), and the
+model deals with the closed thought (closes the turn again, repeats, or goes on); its rows keep
+``prefix_finished`` true. ``token2048.continue_finished=false`` restores grading it as is: its
+n_cont rows get one verdict, an empty continuation and finish_reason ``prefix_finished``. A
+prefix whose stage-1 generation failed gets error rows and is not generated.
 
 Work is split into question chunks (``stage3_parts/part-<c>-of-<n>.parquet``, written
 atomically when the chunk is done): a killed run resumes at the first missing part, and chunk
@@ -23,12 +26,20 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from tqdm.auto import tqdm
 
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.token2048 import schema, shards
-from esm_steer.token2048.common import derive_seed, generate_safe, grade, grader_kind, group_size, parts_meta, stage1_meta, stage3_meta
+from esm_steer.token2048.common import (
+    derive_seed,
+    generate_safe,
+    grade,
+    grader_kind,
+    group_size,
+    parts_meta,
+    stage1_meta,
+    stage3_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +70,13 @@ def continue_chunk(cfg, engine, rows: list[dict], desc: str) -> tuple[list[dict]
     t = cfg.token2048
     kind = grader_kind(cfg)
     tok = engine.tokenizer
-    todo = [r for r in rows if not r["prefix_finished"] and r["error"] is None]
-    spec = SamplingSpec(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p, n=t.n_cont, seed=cfg.seed)
+    todo = [r for r in rows if r["error"] is None and (t.continue_finished or not r["prefix_finished"])]
+    spec = SamplingSpec(
+        max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p, n=t.n_cont, seed=cfg.seed
+    )
     seeds = [derive_seed(cfg.seed, "continue", r["example_id"], r["sample_id"]) for r in todo]
-    results = generate_safe(engine, [r["continuation_prompt_ids"] for r in todo], spec, seeds, group_size(cfg, t.n_cont), desc)
+    prompts = [r["continuation_prompt_ids"] for r in todo]
+    results = generate_safe(engine, prompts, spec, seeds, group_size(cfg, t.n_cont), desc)
     by_prefix = {(r["question_id"], r["sample_id"]): res for r, res in zip(todo, results)}
 
     out, ntok = [], 0
@@ -80,7 +94,7 @@ def continue_chunk(cfg, engine, rows: list[dict], desc: str) -> tuple[list[dict]
             err = f"prefix: {r['error']}" if r["error"] is not None else res
             rec = {**base, **empty, "is_correct": False, "finish_reason": FINISH_ERROR, "pred": None, "error": err}
             out += [{**rec, "continuation_id": k} for k in range(t.n_cont)]
-        elif res is None:  # finished prefix: graded once, as is
+        elif res is None:  # finished prefix, continue_finished=false: graded once, as is
             ok, pred, err = grade(r["token_2048"], r["ground_truth"], kind)
             rec = {**base, **empty, "is_correct": ok, "finish_reason": FINISH_PREFIX, "pred": pred, "error": err}
             out += [{**rec, "continuation_id": k} for k in range(t.n_cont)]
@@ -122,8 +136,10 @@ def run_continue(cfg, out: Path, engine) -> bool:
         if c not in todo:
             schema.check_meta(shards.part_path(parts_dir, c, n), meta)
     log.info(
-        "continue: shard %d/%d owns %d of %d chunk(s), %d to do (%d done before); n_cont=%d, max_new_tokens=%d, grader=%s",
-        t.shard_index, t.num_shards, len(mine), n, len(todo), len(mine) - len(todo), t.n_cont, t.max_new_tokens, grader_kind(cfg),
+        "continue: shard %d/%d owns %d of %d chunk(s), %d to do (%d done before); n_cont=%d, max_new_tokens=%d, "
+        "grader=%s, continue_finished=%s",
+        t.shard_index, t.num_shards, len(mine), n, len(todo), len(mine) - len(todo), t.n_cont, t.max_new_tokens,
+        grader_kind(cfg), t.continue_finished,
     )  # fmt: skip
     if todo and callable(engine):
         engine = engine()
@@ -139,7 +155,8 @@ def run_continue(cfg, out: Path, engine) -> bool:
         )  # fmt: skip
     gone = shards.missing(parts_dir, n)
     if gone:
-        log.info("continue: shard %d done; %d part(s) of other shards still missing: select waits for them", t.shard_index, len(gone))
+        msg = "continue: shard %d done; %d part(s) of other shards still missing: select waits for them"
+        log.info(msg, t.shard_index, len(gone))
         return False
-    shards.merge(parts_dir, n, out / schema.STAGE3)
+    shards.merge(parts_dir, n, out / schema.STAGE3, meta)
     return True

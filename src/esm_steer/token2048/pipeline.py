@@ -3,10 +3,13 @@
 Files go to ``<run dir>/<token2048.out_dir>/``. Every stage resumes: one whose output exists
 (with matching provenance) is skipped, and sample / continue redo only missing chunks.
 
-Several processes (one per GPU): run ``stage=sample`` then ``stage=prepare`` once, then
-``stage=continue token2048.shard_index=i token2048.num_shards=k`` per process in the same run
-dir (``outputs.run_id=<id>``), then ``stage=select``. With ``stage=all`` and k > 1, shard i
-stops after its continue chunks, and the last shard to finish merges and selects.
+Several processes (one per GPU), all in the same run dir (``outputs.run_id=<id>`` or
+``token2048.run_dir``): ``stage=sample token2048.shard_index=i token2048.num_shards=k`` per
+process (the last to finish merges stage 1), ``stage=prepare`` once, ``stage=continue`` with
+the same shard keys per process, then ``stage=select``. With ``stage=all`` and k > 1, shard i
+does its stage-1 chunks and stops while other shards' stage-1 parts are missing (launch it
+again once they are there), then its continue chunks; the last shard to finish merges and
+selects.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import logging
 from pathlib import Path
 
 from esm_steer.runs import RunError, resolve_run_path
-from esm_steer.token2048 import schema
 from esm_steer.token2048.continue_ import run_continue
 from esm_steer.token2048.prepare import run_prepare
 from esm_steer.token2048.sample import run_sample
@@ -62,19 +64,15 @@ def run(cfg, run, engine=None) -> dict | None:
     todo = STAGES if stage == "all" else (stage,)
     if stage not in STAGES + ("all",):
         raise RunError(f"stage={stage!r} is not a token2048 stage: one of {', '.join(STAGES + ('all',))}")
-    if stage == "all" and t.num_shards > 1 and t.shard_index != 0 and not (out / schema.STAGE2).exists():
-        # two processes sampling at once would both do all of stage 1
-        raise RunError(
-            f"stage=all with token2048.shard_index={t.shard_index}: {out / schema.STAGE2} is missing; "
-            "run stage=sample and stage=prepare once (or shard 0 first)"
-        )
     lazy = _Lazy(cfg, engine)
     summary = None
     try:
         for s in todo:
             log.info("token2048: stage %s (out: %s)", s, out)
             if s == "sample":
-                run_sample(cfg, out, lazy.engine)
+                if not run_sample(cfg, out, lazy.engine) and stage == "all":
+                    log.info("token2048: other shards' stage-1 parts still missing; run this again once they are done")
+                    return None
             elif s == "prepare":
                 run_prepare(cfg, out, lazy.tokenizer())
             elif s == "continue":

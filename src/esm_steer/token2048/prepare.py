@@ -5,7 +5,11 @@ assistant's turn left OPEN (no end-of-turn token), so the model takes the prefix
 has already said and goes on. Built on token ids, never by re-tokenising decoded text: the
 decode -> encode round trip can merge or split tokens at the boundary and would not be the
 sequence the model actually produced. ``continuation_prompt`` is a text rendering for reading.
--> ``stage2_input.parquet``.
+A prefix that finished in stage 1 gets the same open-turn prompt (its end-of-turn token is
+not there: the engine drops the EOS it stops on, and a trailing one is stripped), so stage 3
+continues it too and the model deals with the closed thought (``token2048.continue_finished``).
+-> ``stage2_input.parquet``. Refuses, naming the parts and their shards, while stage-1 parts
+are missing; merges them first when all are there but the merge was missed.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from esm_steer.token2048 import schema
-from esm_steer.token2048.common import end_of_turn_ids, stage1_meta
+from esm_steer.token2048 import schema, shards
+from esm_steer.token2048.common import end_of_turn_ids, parts_meta, stage1_meta
+from esm_steer.token2048.sample import merge_stage1
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +38,22 @@ def continuation_ids(prompt_ids: list[int], prefix_ids: list[int], eot: set[int]
     return list(prompt_ids) + prefix, prefix, stripped
 
 
+def gather_stage1(cfg, out: Path) -> Path:
+    """The merged stage-1 file; merges the parts first (RunError while some are missing)."""
+    target, parts_dir = out / schema.STAGE1, out / schema.STAGE1_PARTS
+    n = shards.chunking(parts_dir)
+    if not target.exists() and n is not None:
+        shards.check_layout(parts_dir, n)
+        shards.require_all(parts_dir, n, cfg.token2048.num_shards, "prepare", producer="sample")
+        merge_stage1(parts_dir, n, target, parts_meta(stage1_meta(cfg), cfg))
+    schema.require(target, stage1_meta(cfg))
+    return target
+
+
 def run_prepare(cfg, out: Path, tokenizer) -> Path:
     src, target = out / schema.STAGE1, out / schema.STAGE2
     meta = stage1_meta(cfg)
-    schema.require(src, meta)
+    gather_stage1(cfg, out)
     if target.exists():
         schema.check_meta(target, meta)
         log.info("prepare: %s exists; skipping", target)

@@ -1,79 +1,148 @@
 """Stage 1 (sample): a seeded sample of n_questions; n_prefix prefixes of prefix_tokens each.
 
+Questions: the task's train split, or ``token2048.data_path`` (a parquet / jsonl in verl's
+format: ``prompt`` chat list, ``reward_model.ground_truth``, ``data_source``; parsed by the
+task loader's ``dapo_row``), then a seeded subsample of n_questions kept in file order.
+
 -> ``stage1_output.parquet``: one row per (question, sample) with the seed's columns plus the
 prompt ids, the prefix ids and ``prefix_finished`` (EOS came before the token limit).
-Written by question chunk (``stage1_parts/``), so a killed run resumes at the first missing
-chunk. Sampling: prefix j of question q draws from a generator seeded by (seed, q's task id, j),
-independent of batching, chunking and n_questions.
+Written by question chunk (``stage1_parts/part-<c>-of-<n>.parquet``), so a killed run resumes
+at the first missing chunk, and sharded like stage 3: chunk c belongs to the process with
+``shard_index = c % num_shards``. Prefix j of question q draws from a generator seeded by
+(seed, q's task id, j), independent of batching, chunking, sharding and n_questions, so
+sharded runs merged equal an unsharded one. Whichever process finds all parts present at its
+end merges them into ``stage1_output.parquet`` (prepare merges too if that was missed).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from esm_steer.config import ConfigError
+from esm_steer.data.tasks import Example, _read_file, _Skip, _subsample, dapo_row, load_task
 from esm_steer.engine.base import FINISH_STOP, SamplingSpec
 from esm_steer.token2048 import schema, shards
 from esm_steer.token2048.common import derive_seed, generate_safe, group_size, parts_meta, stage1_meta
 
 log = logging.getLogger(__name__)
 
+# the columns dapo_row reads: a verl parquet is read without its other columns
+_VERL_COLUMNS = (
+    "prompt", "reward_model", "data_source", "extra_info", "id", "problem", "question", "answer", "solution"
+)  # fmt: skip
 
-def load_questions(cfg) -> list:
-    """The seeded subsample of n_questions from the task's train split (file order kept)."""
-    from esm_steer.data.tasks import load_task
 
-    t = cfg.task
-    kwargs = {"difficulty": t.difficulty, "num_synthetic": t.num_synthetic, "hub_id": t.hub_id, "hub_config": t.hub_config}
-    examples = load_task(
-        t.dataset, t.train_split, data_root=t.data_root, max_examples=cfg.token2048.n_questions, seed=cfg.seed, **kwargs
-    )
-    if len(examples) < cfg.token2048.n_questions:
-        log.warning("task %s has %d questions < token2048.n_questions=%d: using all", t.dataset, len(examples), cfg.token2048.n_questions)
+def read_data_path(path_str: str) -> list[Example]:
+    """Every usable, distinct question of a verl-format file; bad rows are skipped and counted.
+    A missing or unreadable file -> ConfigError naming token2048.data_path."""
+    path = Path(path_str).expanduser()
+    key = f"token2048.data_path={path_str}"
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file")
+    if path.suffix not in (".parquet", ".jsonl", ".json"):
+        raise ConfigError(f"{key}: expected a .parquet, .jsonl or .json file in verl's format")
+    try:
+        if path.suffix == ".parquet":
+            cols = [c for c in pq.read_schema(path).names if c in _VERL_COLUMNS]
+            rows = pq.read_table(path, columns=cols).to_pylist()
+        else:
+            rows = _read_file(path)
+    except Exception as e:  # noqa: BLE001 - a corrupt / foreign file: one line
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{key}: cannot read it ({type(e).__name__}: {msg})") from None
+
+    examples, skipped, seen, sources = [], Counter(), set(), Counter()
+    for i, row in enumerate(rows):
+        try:
+            if not isinstance(row, dict):
+                raise _Skip("not an object")
+            ex = dapo_row(row, f"{path.stem}-{i}")
+            if not ex.question or not ex.gold:
+                raise _Skip("empty question or gold")
+        except _Skip as why:
+            skipped[str(why)] += 1
+            continue
+        if ex.question in seen:  # verl's DAPO-Math-17k parquet repeats every problem
+            skipped["duplicate question"] += 1
+            continue
+        seen.add(ex.question)
+        sources[str(ex.meta.get("data_source", "none"))] += 1
+        examples.append(ex)
+    reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common()) or "none"
+    log.info(
+        "token2048.data_path=%s: loaded %d, skipped %d (%s); data_source: %s",
+        path, len(examples), sum(skipped.values()), reasons, ", ".join(f"{k} {v}" for k, v in sources.most_common()),
+    )  # fmt: skip
+    if not examples:
+        raise ConfigError(f"{key}: no usable rows (skipped: {reasons})")
+    return examples
+
+
+def load_questions(cfg) -> list[Example]:
+    """The seeded subsample of n_questions (file order kept) from token2048.data_path, or else
+    from the task's train split."""
+    t, n = cfg.task, cfg.token2048.n_questions
+    if cfg.token2048.data_path:
+        source = f"token2048.data_path={cfg.token2048.data_path}"
+        examples = _subsample(read_data_path(cfg.token2048.data_path), n, cfg.seed)
+    else:
+        kwargs = {k: t[k] for k in ("difficulty", "num_synthetic", "hub_id", "hub_config")}
+        examples = load_task(t.dataset, t.train_split, data_root=t.data_root, max_examples=n, seed=cfg.seed, **kwargs)
+        source = f"task {t.dataset}"
+    if len(examples) < n:
+        log.warning("%s has %d questions < token2048.n_questions=%d: using all", source, len(examples), n)
     return examples
 
 
 def prompt_ids(tokenizer, cfg, example) -> list[int]:
     from esm_steer.data.prompts import build_messages, render_prompt_ids, resolve_template
 
-    return render_prompt_ids(tokenizer, build_messages(resolve_template(cfg.prompt.template, cfg.task.dataset), example, system=cfg.prompt.system))
+    template = resolve_template(cfg.prompt.template, cfg.task.dataset)
+    return render_prompt_ids(tokenizer, build_messages(template, example, system=cfg.prompt.system))
 
 
-def run_sample(cfg, out: Path, engine, examples: list | None = None) -> Path:
-    """``engine``: an Engine, or a callable returning one (loaded only if there is work)."""
+def run_sample(cfg, out: Path, engine, examples: list | None = None) -> bool:
+    """This shard's missing chunks; True when every chunk (all shards) is on disk and merged.
+    ``engine``: an Engine, or a callable returning one (loaded only if there is work)."""
     t = cfg.token2048
     target = out / schema.STAGE1
     meta = stage1_meta(cfg)
     if target.exists():
         schema.check_meta(target, meta)
         log.info("sample: %s exists; skipping", target)
-        return target
+        return True
     if examples is None:
         examples = load_questions(cfg)
     if cfg.task.dataset == "dapo_math" and cfg.prompt.template not in ("dapo", "auto"):
         log.warning("task=dapo_math with prompt=%s: the math_dapo grader expects prompt=dapo", cfg.prompt.template)
 
-    if callable(engine):
-        engine = engine()
     n = shards.num_chunks(len(examples), t.questions_per_shard)
     parts_dir = out / schema.STAGE1_PARTS
     shards.check_layout(parts_dir, n)
     pmeta = parts_meta(meta, cfg)
+    mine = shards.my_chunks(n, t.shard_index, t.num_shards)
+    todo = [c for c in mine if not shards.part_path(parts_dir, c, n).exists()]
+    for c in mine:
+        if c not in todo:
+            schema.check_meta(shards.part_path(parts_dir, c, n), pmeta)
     spec = SamplingSpec(
         max_new_tokens=t.prefix_tokens, temperature=t.temperature, top_p=t.top_p, n=t.n_prefix, seed=cfg.seed
     )
     log.info(
-        "sample: %d questions × %d prefixes of %d tokens (T=%.2f, top_p=%.2f) in %d chunk(s)",
-        len(examples), t.n_prefix, t.prefix_tokens, t.temperature, t.top_p, n,
+        "sample: %d questions × %d prefixes of %d tokens (T=%.2f, top_p=%.2f); shard %d/%d owns %d of %d chunk(s), "
+        "%d to do (%d done before)",
+        len(examples), t.n_prefix, t.prefix_tokens, t.temperature, t.top_p, t.shard_index, t.num_shards, len(mine), n,
+        len(todo), len(mine) - len(todo),
     )  # fmt: skip
-    for c in tqdm(range(n), desc="sample chunks", unit="chunk", disable=None):
-        path = shards.part_path(parts_dir, c, n)
-        if path.exists():
-            schema.check_meta(path, pmeta)
-            continue
+    if todo and callable(engine):
+        engine = engine()
+    for c in tqdm(todo, desc="sample chunks", unit="chunk", disable=None):
         qids = list(range(c * t.questions_per_shard, min((c + 1) * t.questions_per_shard, len(examples))))
         exs = [examples[q] for q in qids]
         prompts = [prompt_ids(engine.tokenizer, cfg, ex) for ex in exs]
@@ -99,13 +168,25 @@ def run_sample(cfg, out: Path, engine, examples: list | None = None) -> Path:
                         "error": None if s else res,
                     }
                 )
-        schema.write(path, schema.table(schema.STAGE1, rows, pmeta))
+        schema.write(shards.part_path(parts_dir, c, n), schema.table(schema.STAGE1, rows, pmeta))
         dt = time.perf_counter() - t0
-        log.info("sample: chunk %d/%d done: %d prefixes, %d tokens, %.1f tok/s", c + 1, n, len(rows), ntok, ntok / max(dt, 1e-9))
-    shards.merge(parts_dir, n, target)
+        rate = ntok / max(dt, 1e-9)
+        log.info("sample: chunk %d/%d done: %d prefixes, %d tokens, %.1f tok/s", c + 1, n, len(rows), ntok, rate)
+    gone = shards.missing(parts_dir, n)
+    if gone:
+        msg = "sample: shard %d done; %d part(s) of other shards still missing: prepare waits for them"
+        log.info(msg, t.shard_index, len(gone))
+        return False
+    merge_stage1(parts_dir, n, target, pmeta)
+    return True
+
+
+def merge_stage1(parts_dir: Path, n: int, target: Path, pmeta: dict) -> Path:
+    shards.merge(parts_dir, n, target, pmeta)
     done = schema.read(target, ["prefix_finished", "error"]).to_pydict()
     log.info(
-        "sample: wrote %s (%d rows; %d prefixes finished before %d tokens; %d failed)",
-        target, len(done["error"]), sum(done["prefix_finished"]), t.prefix_tokens, sum(e is not None for e in done["error"]),
+        "sample: wrote %s (%d rows; %d prefixes finished before %s tokens; %d failed)",
+        target, len(done["error"]), sum(done["prefix_finished"]), pmeta["token2048.prefix_tokens"],
+        sum(e is not None for e in done["error"]),
     )  # fmt: skip
     return target

@@ -3,20 +3,23 @@
 The seed's columns come first with the seed's names; extra columns follow them. Every file
 carries, in its parquet metadata, the config values that made it (``META_KEY``), so that a
 resumed or later stage refuses an artifact made with another model, task or size, naming the
-key and both values.
+key and both values. Beside each file, ``<file>.manifest.json`` holds its size and sha256; every
+read checks them first, so a cut or altered file stops the run with one line naming the file
+and the command that rebuilds it (``esm_steer.provenance``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esm_steer import provenance
 from esm_steer.io import atomic_save
-from esm_steer.runs import RunError
 
 STAGE1 = "stage1_output.parquet"
 STAGE2 = "stage2_input.parquet"
@@ -28,6 +31,16 @@ STAGE1_PARTS = "stage1_parts"
 STAGE3_PARTS = "stage3_parts"
 
 META_KEY = b"esm_steer.token2048"
+
+# the token2048 stage that writes each file (parts: by their dir)
+MAKER = {
+    STAGE1: "sample",
+    STAGE1_PARTS: "sample",
+    STAGE2: "prepare",
+    STAGE3: "continue",
+    STAGE3_PARTS: "continue",
+    FINAL: "select",
+}
 
 _ids = pa.list_(pa.int32())
 
@@ -108,39 +121,65 @@ def table(kind: str, rows: list[dict], meta: dict) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=schema)
 
 
+def rebuild(path: Path) -> str:
+    """How to rebuild one file: delete it and rerun the stage that writes it (a stage skips
+    outputs that exist)."""
+    path = Path(path)
+    out = path.parent.parent if path.parent.name in MAKER else path.parent
+    stage = MAKER.get(path.name) or MAKER.get(path.parent.name) or "all"
+    return f"rm -f {path} && " + provenance.command("token2048", out.resolve().parent.name, stage=stage)
+
+
+def save(path: Path, writer: Callable[[str], None]) -> Path:
+    """Atomic write through ``writer(tmp)``, with the file's size and hash beside it."""
+
+    def write_sealed(tmp: str) -> None:
+        writer(tmp)
+        provenance.seal_file(path, rebuild(path), written=tmp)
+
+    atomic_save(path, write_sealed)
+    provenance.remember(path)
+    return path
+
+
 def write(path: Path, tbl: pa.Table) -> Path:
     """Atomic parquet write (temp file + rename): a killed stage never leaves half a file."""
-    return atomic_save(path, lambda tmp: pq.write_table(tbl, tmp))
+    return save(path, lambda tmp: pq.write_table(tbl, tmp))
+
+
+def verify(path: Path) -> None:
+    """ArtifactError (one line) when the file is missing, cut short or altered."""
+    provenance.verify_file(path, rebuild(path))
+
+
+def intact(path: Path) -> bool:
+    try:
+        verify(path)
+        return True
+    except provenance.ArtifactError:
+        return False
 
 
 def read_meta(path: Path) -> dict:
-    md = pq.read_schema(path).metadata or {}
-    return json.loads(md[META_KEY]) if META_KEY in md else {}
+    verify(path)
+    return provenance.parquet_meta(path, META_KEY, rebuild(path))
 
 
 def check_meta(path: Path, expected: dict) -> dict:
-    """The file's metadata; RunError (one line) when a key of ``expected`` differs."""
-    found = read_meta(path)
-    for key, want in expected.items():
-        if key in found and found[key] != want:
-            raise RunError(
-                f"{path} was made with {key}={found[key]!r} but this run has {key}={want!r}; "
-                "use the same values or a new run dir (outputs.run_id)"
-            )
-    return found
+    """The file's metadata; RunError (one line) when the file is damaged or a key of ``expected`` differs."""
+    verify(path)
+    return provenance.check_parquet_meta(path, META_KEY, expected, rebuild(path))
 
 
 def require(path: Path, expected: dict) -> dict:
-    """An input artifact that must exist and match this run's config."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run the earlier token2048 stage first")
+    """An input artifact that must exist, be intact and match this run's config."""
     return check_meta(path, expected)
 
 
 def read(path: Path, columns: list[str] | None = None) -> pa.Table:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run the earlier token2048 stage first")
-    return pq.read_table(path, columns=columns)
+    verify(path)
+    with provenance.reading(path, rebuild(path)):
+        return pq.read_table(path, columns=columns)
 
 
 def to_rows(tbl: pa.Table) -> list[dict[str, Any]]:

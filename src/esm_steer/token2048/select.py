@@ -17,7 +17,7 @@ import pandas as pd
 from esm_steer.io import atomic_save, atomic_write_json
 from esm_steer.runs import RunError
 from esm_steer.token2048 import schema, shards
-from esm_steer.token2048.common import grader_kind, stage1_meta, stage3_meta
+from esm_steer.token2048.common import grader_kind, parts_meta, stage1_meta, stage3_meta
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def gather_stage3(cfg, out: Path, num_questions: int) -> Path:
     if parts_dir.is_dir() or not merged.exists():
         shards.check_layout(parts_dir, n)
         shards.require_all(parts_dir, n, t.num_shards, "select")
-        shards.merge(parts_dir, n, merged)
+        shards.merge(parts_dir, n, merged, parts_meta(stage3_meta(cfg), cfg))
     schema.check_meta(merged, stage3_meta(cfg))
     return merged
 
@@ -102,8 +102,9 @@ def plot_distribution(final: pd.DataFrame, path: Path) -> Path:
     every = np.concatenate([np.asarray(a, dtype=float) for a in final["all_accs"]])
     bins = np.linspace(0, 1, 21)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(every, bins=bins, weights=np.full(len(every), 1 / len(every)), alpha=0.5, label=f"all prefixes (n={len(every)})")
-    ax.hist(best, bins=bins, weights=np.full(len(best), 1 / len(best)), alpha=0.6, label=f"best per question (n={len(best)})")
+    for vals, alpha, label in ((every, 0.5, "all prefixes"), (best, 0.6, "best per question")):
+        weights = np.full(len(vals), 1 / len(vals))
+        ax.hist(vals, bins=bins, weights=weights, alpha=alpha, label=f"{label} (n={len(vals)})")
     ax.set_xlabel("token_2048_acc (continuations correct)")
     ax.set_ylabel("fraction")
     ax.set_title("Distribution of best token_2048 accuracy")
@@ -128,7 +129,10 @@ def run_select(cfg, out: Path) -> dict:
     expected = len(stage2) * t.n_cont
     dups = int(stage3.duplicated(["question_id", "sample_id", "continuation_id"]).sum())
     if len(stage3) != expected or dups:
-        raise RunError(f"{merged}: {len(stage3)} rows ({dups} duplicated), expected {len(stage2)} prefixes × n_cont={t.n_cont} = {expected}")
+        raise RunError(
+            f"{merged}: {len(stage3)} rows ({dups} duplicated), "
+            f"expected {len(stage2)} prefixes × n_cont={t.n_cont} = {expected}"
+        )
 
     final = best_per_question(stage2, stage3)
     schema.write(out / schema.FINAL, schema.table(schema.FINAL, final.to_dict("records"), stage3_meta(cfg)))
@@ -136,7 +140,8 @@ def run_select(cfg, out: Path) -> dict:
     atomic_write_json(out / schema.SUMMARY, summary)
     plot_distribution(final, out / schema.PLOT)
     log.info(
-        "select: %d questions; best acc mean %.3f (max %.3f, min %.3f); mean acc of all prefixes %.3f; gap best - mean %.3f",
+        "select: %d questions; best acc mean %.3f (max %.3f, min %.3f); mean acc of all prefixes %.3f; "
+        "gap best - mean %.3f",
         summary["num_questions"], summary["mean_best_acc"], summary["max_best_acc"], summary["min_best_acc"],
         summary["mean_all_acc"], summary["gap_best_minus_mean"],
     )  # fmt: skip

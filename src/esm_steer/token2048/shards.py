@@ -1,4 +1,5 @@
-"""Question chunks written as parquet part files: the unit of resume and of sharding.
+"""Question chunks written as parquet part files: the unit of resume and of sharding
+(stage 1 in ``stage1_parts/``, stage 3 in ``stage3_parts/``).
 
 Chunk c holds the questions ``question_id in [c·q, (c+1)·q)`` (q = questions_per_shard) and
 is written atomically to ``part-<c>-of-<n>.parquet`` once all of it is done, so a part file on
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from esm_steer.io import atomic_save
 from esm_steer.runs import RunError
+from esm_steer.token2048.schema import check_meta, intact
+from esm_steer.token2048.schema import save as save_verified
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +37,36 @@ def missing(parts_dir: Path, n: int) -> list[int]:
     return [c for c in range(n) if not part_path(parts_dir, c, n).exists()]
 
 
-def require_all(parts_dir: Path, n: int, num_shards: int, what: str) -> None:
-    """RunError in one line naming the missing parts and the shards that owe them."""
+def chunking(parts_dir: Path) -> int | None:
+    """The number of chunks the parts on disk were written for (None: no part yet)."""
+    names = sorted(p.name for p in parts_dir.glob("part-*-of-*.parquet")) if parts_dir.is_dir() else []
+    return int(names[0].rsplit("-of-", 1)[1].split(".", 1)[0]) if names else None
+
+
+def require_all(parts_dir: Path, n: int, num_shards: int, what: str, producer: str = "continue") -> None:
+    """RunError in one line naming the missing parts and the shards that owe them
+    (``producer``: the stage that writes them)."""
     gone = missing(parts_dir, n)
     if gone:
         names = ", ".join(part_path(parts_dir, c, n).name for c in gone[:8]) + (" ..." if len(gone) > 8 else "")
         owners = sorted({c % num_shards for c in gone})
         raise RunError(
             f"{what}: {len(gone)} of {n} parts missing in {parts_dir} ({names}); "
-            f"run stage=continue for token2048.shard_index in {owners} (num_shards={num_shards}) first"
+            f"run stage={producer} for token2048.shard_index in {owners} (num_shards={num_shards}) first"
         )
 
 
-def merge(parts_dir: Path, n: int, target: Path) -> Path:
+def merge(parts_dir: Path, n: int, target: Path, meta: dict | None = None) -> Path:
     """Concatenate the n parts into ``target`` (atomic), streaming one part at a time so a
     seed-sized stage 3 (800k rollouts) never sits in memory whole. Skipped when ``target``
-    already holds exactly the parts' rows (parts are immutable once written)."""
+    already holds exactly the parts' rows (parts are immutable once written). ``meta``: the
+    provenance every part must match (shards are separate processes: one may have run with
+    other values)."""
     paths = [part_path(parts_dir, c, n) for c in range(n)]
+    for p in paths:
+        check_meta(p, meta or {})  # also the size and hash of each part
     total = sum(pq.read_metadata(p).num_rows for p in paths)
-    if target.exists() and pq.read_metadata(target).num_rows == total:
+    if target.exists() and intact(target) and pq.read_metadata(target).num_rows == total:
         return target
     sch = pq.read_schema(paths[0])
 
@@ -62,7 +75,7 @@ def merge(parts_dir: Path, n: int, target: Path) -> Path:
             for p in paths:
                 w.write_table(pq.read_table(p).cast(sch))
 
-    atomic_save(target, save)
+    save_verified(target, save)
     log.info("merged %d parts (%d rows) into %s", n, total, target)
     return target
 
