@@ -3,19 +3,48 @@
 Nothing is lost: a file is written to a temp name beside it and renamed over the target,
 so a killed stage leaves either the old or the new file, never half of one. Per-example
 records go to append-only jsonl files, one flushed line each; a line cut by a kill is
-ignored (and truncated away) on resume.
+ignored (and truncated away) on resume, a bad line before the last is a RecordError naming
+``file:line``. A full disk is a DiskFullError (one line; the previous file stays in place).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run directory problem (missing LATEST, missing or damaged artifacts); one line.
+
+    Defined here, the bottom of the import graph, so that I/O can raise it; use it as
+    ``esm_steer.runs.RunError``."""
+
+
+class RecordError(RunError):
+    """A record log with a bad line that is not its last (corrupt, not cut by a kill)."""
+
+
+class DiskFullError(RunError):
+    """No space left while writing: the previous complete file is still in place."""
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path, kept: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(f"{path}: no space left on the device while writing it; {kept}; free space, rerun") from e
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -24,8 +53,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with _disk_full_is_one_line(path, "the previous file is kept" if path.exists() else "nothing was written"):
+            write(tmp)
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -87,16 +117,21 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a byte that breaks UTF-8 is reported with its line too
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                if line.endswith("\n"):
-                    raise ValueError(f"{path}:{i}: not valid JSON (a corrupt record, not a cut one)")
+                rec = json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if line.endswith(b"\n"):
+                    raise RecordError(
+                        f"{path}:{i}: not valid JSON (a corrupt record, not a cut one); "
+                        "repair or delete that line, or delete the file to regenerate it"
+                    ) from None
                 log.warning("%s: ignoring a cut last line (a killed run)", path)
+                continue
+            yield rec
 
 
 class JsonlAppender:
@@ -125,14 +160,18 @@ class JsonlAppender:
             with open(self.path, "r+b") as f:
                 f.truncate(cut)
 
+    def _write(self, text: str) -> None:
+        with _disk_full_is_one_line(self.path, "a cut last record is dropped on resume"):
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
     def append(self, record: dict) -> None:
         k = self._key(record)
         if k in self.done_keys:
             raise ValueError(f"{self.path}: record {k!r} is already written")
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         self.records.append(record)
         self.done_keys.add(k)
 
@@ -143,9 +182,6 @@ class JsonlAppender:
         dup = [k for k in keys if k in self.done_keys]
         if dup or len(set(keys)) != len(keys):
             raise ValueError(f"{self.path}: records {dup or keys} are already written")
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
+        self._write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
         self.records.extend(records)
         self.done_keys.update(keys)

@@ -15,16 +15,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from esm_steer.io import atomic_write_json, atomic_write_text
+from esm_steer.io import RunError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 _STAMP = time.strftime("%Y%m%d_%H%M%S")  # one timestamp per process: every resolution agrees
-
-
-class RunError(RuntimeError):
-    """A run directory problem (missing LATEST, missing artifacts); one line."""
 
 
 def read_latest(root_dir: str | os.PathLike, run_name: str) -> str:

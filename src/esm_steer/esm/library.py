@@ -8,6 +8,7 @@ anchors). On disk, under ``<run dir>/library/``:
 - ``vectors/<tool_id>.pt`` v, float32 [d]
 - ``keys/<tool_id>.pt``    {"key": [d], "states": [n, d]}
 - ``meta.json``            model_id, steer_layer, hidden_size, created (+ how it was selected)
+- ``manifest.json``        size and sha256 of each file above, written last (``esm_steer.provenance``)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from esm_steer import provenance
 from esm_steer.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl, read_jsonl
 from esm_steer.runs import RunError
 
@@ -57,13 +59,24 @@ def prune_steering(root: Path, keep: set[str]) -> None:
                 p.unlink()
 
 
+def steering_files(item_ids) -> list[str]:
+    """The tensor files of these ids, relative to their stage dir (for the manifest)."""
+    return [f"{sub}/{i}.pt" for i in item_ids for sub in ("vectors", "keys")]
+
+
 def load_steering(root: Path, item_id: str, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(vector, key, states) of one id; RunError naming the stage that writes a missing file."""
+    """(vector, key, states) of one id; RunError naming the stage that writes a missing or unreadable file."""
     from esm_steer.esm.common import require
 
     vpath = require(root / "vectors" / f"{item_id}.pt", stage)
-    keys = torch.load(require(root / "keys" / f"{item_id}.pt", stage), map_location="cpu", weights_only=True)
-    return torch.load(vpath, map_location="cpu", weights_only=True), keys["key"], keys["states"]
+    kpath = require(root / "keys" / f"{item_id}.pt", stage)
+    rebuild = provenance.command(stage, root.resolve().parent.name)
+    with provenance.reading(kpath, rebuild):
+        keys = torch.load(kpath, map_location="cpu", weights_only=True)
+        key, states = keys["key"], keys["states"]
+    with provenance.reading(vpath, rebuild):
+        vector = torch.load(vpath, map_location="cpu", weights_only=True)
+    return vector, key, states
 
 
 @dataclass
@@ -114,13 +127,16 @@ class Library:
     # ------------------------------------------------------------ disk
 
     def save(self, run_dir: str | os.PathLike) -> Path:
-        """Write every file; library.jsonl goes last so a complete jsonl means a complete library."""
+        """Write every file; library.jsonl goes last so a complete jsonl means a complete library,
+        then the manifest of their sizes and hashes."""
         root = Path(run_dir) / LIBRARY_DIR
+        provenance.begin(root, "select")
         for t in self.tools:
             save_steering(root, t.tool_id, t.vector, t.key, t.states)
         prune_steering(root, {t.tool_id for t in self.tools})
         atomic_write_json(root / "meta.json", self.meta)
         atomic_write_jsonl(root / "library.jsonl", [t.record() for t in self.tools])
+        provenance.seal(root, "select", steering_files(t.tool_id for t in self.tools) + ["meta.json", "library.jsonl"])
         return root
 
     @classmethod
@@ -129,11 +145,8 @@ class Library:
         jsonl = root / "library.jsonl"
         if not jsonl.exists():
             raise RunError(f"missing {jsonl} (made by esm-select; run it into this run dir first)")
-        meta = {}
-        if (root / "meta.json").exists():
-            import json
-
-            meta = json.loads((root / "meta.json").read_text())
+        provenance.verify(root, "select")
+        meta = provenance.read_json(root / "meta.json") if (root / "meta.json").exists() else {}
         tools = []
         for r in read_jsonl(jsonl):
             tid = r["tool_id"]

@@ -10,7 +10,8 @@ without centring every entry looks similar and ``min_sim`` cannot separate them.
 
 Files under ``<run dir>/memory/``: ``keys.npy`` (float32 [N, d]), ``entries.jsonl``
 (entry_id, tool_id, question_id, m, Q, state), ``meta.txt`` (``key: value`` lines: model,
-layer, d, N, normalised, created, T_max) and ``index.faiss``.
+layer, d, N, normalised, created, T_max), ``index.faiss`` (and ``center.npy`` when centred), then
+``manifest.json`` with their sizes and hashes, checked before every load (``esm_steer.provenance``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from esm_steer import provenance
 from esm_steer.esm.library import Library, now_iso
 from esm_steer.io import atomic_save, atomic_write_jsonl, atomic_write_text, read_jsonl
 from esm_steer.runs import RunError, write_latest
@@ -105,6 +107,7 @@ class Memory:
         import faiss
 
         root = Path(run_dir) / MEMORY_DIR
+        provenance.begin(root, "memory")
         atomic_save(root / "keys.npy", lambda p: np.save(p, self.keys))
         atomic_write_jsonl(root / "entries.jsonl", self.entries)
         if self.center is not None:
@@ -112,6 +115,9 @@ class Memory:
         atomic_save(root / "index.faiss", lambda p: faiss.write_index(self.index, p))
         lines = [f"{k}: {v}" for k, v in self.meta.items()]
         atomic_write_text(root / "meta.txt", "\n".join(lines) + "\n")  # last: marks a complete memory
+        files = ["keys.npy", "entries.jsonl", "index.faiss", "meta.txt"]
+        files += ["center.npy"] if self.center is not None else []
+        provenance.seal(root, "memory", files)
         return root
 
     @classmethod
@@ -123,7 +129,10 @@ class Memory:
         for name in ("meta.txt", "keys.npy", "entries.jsonl"):
             if not (root / name).exists():
                 raise RunError(f"missing {root / name} (made by esm-memory; run it into this run dir first)")
-        meta = _parse_meta((root / "meta.txt").read_text())
+        provenance.verify(root, "memory")
+        rebuild = provenance.command("memory", root.resolve().parent.name)
+        with provenance.reading(root / "meta.txt", rebuild):
+            meta = _parse_meta((root / "meta.txt").read_text(encoding="utf-8"))
         model_ok = model_id is None or str(meta.get("model")) == str(model_id)
         layer_ok = steer_layer is None or meta.get("layer") == int(steer_layer)
         if not (model_ok and layer_ok):
@@ -131,12 +140,14 @@ class Memory:
                 f"memory {root} was built for model {meta.get('model')} layer {meta.get('layer')}, "
                 f"not for model {model_id} layer {steer_layer}; rebuild it (esm-mine/select/memory) for this model"
             )
-        keys = np.load(root / "keys.npy")
+        with provenance.reading(root / "keys.npy", rebuild):
+            keys = np.load(root / "keys.npy")
         index = None
         if (root / "index.faiss").exists():
             import faiss
 
-            index = faiss.read_index(str(root / "index.faiss"))
+            with provenance.reading(root / "index.faiss", rebuild):
+                index = faiss.read_index(str(root / "index.faiss"))
             if index.ntotal != len(keys):
                 log.warning("%s: index has %d vectors, keys.npy %d: rebuilding", root, index.ntotal, len(keys))
                 index = None
@@ -144,8 +155,15 @@ class Memory:
         if meta.get("centered"):
             if not (root / "center.npy").exists():
                 raise RunError(f"missing {root / 'center.npy'} (meta.txt says centered; rerun esm-memory)")
-            center = np.load(root / "center.npy")
-        return cls(keys, read_jsonl(root / "entries.jsonl"), meta, index, center)
+            with provenance.reading(root / "center.npy", rebuild):
+                center = np.load(root / "center.npy")
+        with provenance.reading(root / "entries.jsonl", rebuild):
+            entries = read_jsonl(root / "entries.jsonl")
+        if len(entries) != len(keys):
+            raise provenance.ArtifactError(
+                f"{root}: {len(keys)} keys but {len(entries)} entries (a damaged memory); rebuild it: {rebuild}"
+            )
+        return cls(keys, entries, meta, index, center)
 
 
 def build_memory(
