@@ -8,7 +8,8 @@ ratio alike:
   1. steered (a random vector on every row) vs unsteered decode at batch 16   (goal >= 0.95)
   2. batch 32 vs batch 1 decode tokens/s                                      (goal >= 8x)
   3. n=16 continuations of a 256-token prefix: KV fork vs re-encoding each    (goal >= 3x)
-  4. HF vs vLLM unsteered tokens/s, where vLLM is installed
+  4. HF vs vLLM unsteered tokens/s, and vLLM steered (engine/vllm_steer.py, a different vector
+     on every row) vs unsteered, where vLLM is installed                       (goal >= 0.8)
 EOS is disabled during the timed decodes so every row decodes exactly --new-tokens tokens.
 """
 
@@ -25,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from esm_steer.config import ModelConfig  # noqa: E402
-from esm_steer.engine import SamplingSpec, load_engine  # noqa: E402
+from esm_steer.engine import SamplingSpec, load_engine, vllm_steer  # noqa: E402
 
 QUESTIONS = [
     "What is 7 + 5? Think step by step.",
@@ -145,12 +146,22 @@ def main():
         hf_tps = sum(s.num_tokens for r in out for s in r) / (time.perf_counter() - t0)
         engine.close()
         veng = load_engine(ModelConfig(gguf_file="embedded", dtype=args.dtype, backend="vllm", enforce_eager=True), seed=0)
+        vllm_steer.install(veng)  # eager engine: the per-request steering hook at layer ℓ
         veng.generate(p16[:2], SamplingSpec(max_new_tokens=4))
-        t0 = time.perf_counter()
-        out = veng.generate(p16, spec)
-        v_tps = sum(s.num_tokens for r in out for s in r) / (time.perf_counter() - t0)
-        rows += [("HF generate (sampling)", hf_tps), ("vLLM generate (sampling)", v_tps)]
-        vllm_note = f"HF / vLLM unsteered tokens/s: {hf_tps / v_tps:.2f}"
+        g = torch.Generator().manual_seed(0)
+        ranges = [[(len(p), 10**9, torch.randn(veng.info.hidden_size, generator=g))] for p in p16]  # one per row
+        spent, toks = [0.0, 0.0], [0, 0]
+        for _ in range(2):  # unsteered and steered (a different vector on every row), interleaved
+            for k in (0, 1):
+                t0 = time.perf_counter()
+                out = veng.generate(p16, spec) if k == 0 else vllm_steer.steered_generate(veng, p16, ranges, spec)
+                spent[k] += time.perf_counter() - t0
+                toks[k] += sum(s.num_tokens for r in out for s in r)
+        v_tps, vs_tps = toks[0] / spent[0], toks[1] / spent[1]
+        rows += [("HF generate (sampling)", hf_tps), ("vLLM generate (sampling)", v_tps),
+                 ("vLLM steered generate (sampling, eager)", vs_tps)]  # fmt: skip
+        vllm_note = (f"HF / vLLM unsteered tokens/s: {hf_tps / v_tps:.2f}\n"
+                     f"  vLLM steered / unsteered tokens/s (eager): {vs_tps / v_tps:.3f}   (>= 0.8)")  # fmt: skip
 
     print(f"\n{'measurement':45s} {'tok/s':>8s}")
     for name, v in rows:

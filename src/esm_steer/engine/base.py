@@ -90,6 +90,7 @@ class Engine(Protocol):
 
     info: EngineInfo
     tokenizer: object  # a transformers tokenizer (chat template, decode)
+    supports_steering: bool  # True when ``start`` gives a steerable DecodeBatch (the online policy)
 
     def encode_chat(self, user: str, system: str | None = None) -> list[int]:
         """Prompt token ids: the chat template applied with add_generation_prompt=True."""

@@ -519,6 +519,8 @@ class HFDecodeBatch:
 class HFEngine(ChatEncoding):
     """transformers backend (implements ``base.Engine``); CPU or GPU."""
 
+    supports_steering = True
+
     def __init__(
         self,
         model,

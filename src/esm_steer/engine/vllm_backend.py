@@ -1,10 +1,21 @@
-"""vLLM backend for unsteered sampling (Stage I rollouts, token-2048 stages, greedy eval).
+"""vLLM backend: sampling (mining rollouts, token-2048 stages, greedy eval) and, for mining,
+hidden states.
 
 Imported lazily (``model.backend=vllm``); vLLM is an optional dependency. What differs from
 the HF backend:
 
-- Steering, hidden states and step-level decoding are HF-only (``start`` and
-  ``hidden_states`` raise). vLLM's compiled mode ignores late forward hooks.
+- Steered step-level decoding (``start``: the online policy, its ablations, esm-case) is
+  HF-only: ``supports_steering`` is False and eval/case refuse those methods at start.
+- Hidden states (mining keys and vectors) come from one teacher-forced HF forward pass per
+  batch of prompt + response, on a HF model of the same converted folder loaded lazily on the
+  first ``hidden_states`` call (same dtype, device and steer layer: ``HFEngine.from_config``).
+  Chosen over a capture hook in vLLM (not measured against one): compiled vLLM ignores late
+  hooks, and the HF pass is the very code of the HF path, so keys and vectors equal its values
+  at the same dtype (tested). Memory split on a GPU: vLLM takes ``model.gpu_memory_utilization``
+  of the card (weights + KV cache) at start; the HF copy needs its weights plus one chunk of
+  activations (``hf._TOKENS_PER_FORWARD`` tokens up to layer ℓ), so lower that fraction to leave
+  them free. On CPU, vLLM's KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 2 here), and the
+  in-process engine drops torch to one thread, which the HF pass then shares.
 - Randomness: vLLM is seeded once, on the engine (a per-request ``SamplingParams(seed=)``
   with chunked prefill kills the CPU engine). Samples are reproducible for the same call
   sequence, but a prompt's samples depend on the other requests in the run, and
@@ -25,10 +36,11 @@ from typing import Sequence
 import torch
 
 from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, ChatEncoding, EngineInfo, Sample, SamplingSpec
+from esm_steer.engine.vllm_steer import EXTENSION as STEER_EXTENSION
 
 log = logging.getLogger(__name__)
 
-HF_ONLY = "{what} needs the HF backend (model.backend=hf): vLLM serves unsteered sampling only"
+HF_ONLY = "{what} needs the HF backend (model.backend=hf): vLLM serves unsteered sampling and hidden states"
 
 
 def _set_vllm_env(cache_dir: str | None) -> None:
@@ -39,13 +51,28 @@ def _set_vllm_env(cache_dir: str | None) -> None:
     if not torch.cuda.is_available():
         # in-process engine on CPU: faster than the multiprocess default (250 vs 160 tok/s)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # a fixed KV cache: by default vLLM-CPU reserves gpu_memory_utilization (0.85) of the
+        # machine's RAM for it (17 GiB of 22 here), which starves everything else
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
 class VLLMEngine(ChatEncoding):
-    """vLLM backend (implements ``base.Engine`` minus hidden states)."""
+    """vLLM backend (implements ``base.Engine``; ``start`` refuses: see ``supports_steering``)."""
 
-    def __init__(self, llm, tokenizer, info: EngineInfo, seed: int = 0, eos_token_ids: set[int] | None = None):
+    supports_steering = False  # no steered step-level decoding yet: eval/case refuse esm methods at start
+
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        info: EngineInfo,
+        seed: int = 0,
+        eos_token_ids: set[int] | None = None,
+        model_cfg=None,
+    ):
         self.llm = llm
+        self.model_cfg = model_cfg  # what the lazily loaded HF model for hidden_states is built from
+        self._hf = None
         self.tokenizer = tokenizer
         self.info = info
         self.seed = int(seed)
@@ -55,7 +82,8 @@ class VLLMEngine(ChatEncoding):
         self._warned_seed = False
 
     @classmethod
-    def from_config(cls, model_cfg, seed: int = 0) -> "VLLMEngine":
+    def from_config(cls, model_cfg, seed: int = 0, **llm_kwargs) -> "VLLMEngine":
+        """Start vLLM for a ``ModelConfig``; `llm_kwargs` go to ``vllm.LLM`` (e.g. block_size)."""
         from transformers import AutoConfig
 
         from esm_steer.engine.loading import load_tokenizer, model_path
@@ -94,12 +122,17 @@ class VLLMEngine(ChatEncoding):
             tensor_parallel_size=int(model_cfg.tensor_parallel_size),
             enforce_eager=bool(model_cfg.enforce_eager),
             trust_remote_code=trust,
+            worker_extension_cls=STEER_EXTENSION,  # only adds methods; vllm_steer.install hooks layer ℓ
+            **llm_kwargs,
         )
         tokenizer = load_tokenizer(path)
-        return cls(llm, tokenizer, info, seed=seed, eos_token_ids=_eos_ids(path, tokenizer))
+        return cls(llm, tokenizer, info, seed=seed, eos_token_ids=_eos_ids(path, tokenizer), model_cfg=model_cfg)
 
     def close(self) -> None:
         self.llm = None
+        if self._hf is not None:
+            self._hf.close()
+            self._hf = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -183,10 +216,27 @@ class VLLMEngine(ChatEncoding):
             out[i] = [_token_logprob(entries[t], int(seq[t])) for t in range(1, len(seq))]
         return out
 
-    # ------------------------------------------------------------------ HF-only parts
+    # ------------------------------------------------------------------ hidden states (HF pass)
 
-    def hidden_states(self, sequences, layer=None):
-        raise NotImplementedError(HF_ONLY.format(what="hidden_states (mining keys and vectors)"))
+    def hf_engine(self):
+        """The HF engine of the same model that computes hidden states (loaded on first use)."""
+        if self._hf is None:
+            from esm_steer.engine.hf import HFEngine
+
+            if self.model_cfg is None:
+                raise NotImplementedError(HF_ONLY.format(what="hidden_states without a model config"))
+            log.info("loading the HF copy of %s for teacher-forced hidden states", self.info.model_id)
+            self._hf = HFEngine.from_config(self.model_cfg, seed=self.seed)
+            if self._hf.steer_layer != self.info.steer_layer:
+                raise ValueError(f"HF steer layer {self._hf.steer_layer} != vLLM's {self.info.steer_layer}")
+        return self._hf
+
+    def hidden_states(self, sequences: Sequence[list[int]], layer: int | None = None) -> list[torch.Tensor]:
+        """Teacher-forced layer output (unsteered), float32 CPU [len, hidden] per sequence, from
+        the HF copy of the model (see the module doc for the memory split)."""
+        return self.hf_engine().hidden_states(sequences, layer)
+
+    # ------------------------------------------------------------------ HF-only parts
 
     def start(self, *args, **kwargs):
         raise NotImplementedError(HF_ONLY.format(what="step-level decoding (steering, forks, control points)"))

@@ -1,0 +1,141 @@
+"""Per-request steering in vLLM (engine/vllm_steer.py): the hook's token -> (request, position)
+mapping on stand-in runner objects everywhere; against the HF engine's steered decode on the
+real embedded model where vLLM is installed (``make test-vllm``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from esm_steer.engine import vllm_steer
+from esm_steer.engine.base import SamplingSpec
+from test_vllm_backend import need_vllm
+
+
+def _runner(req_ranges: dict, req_ids: list[str], counts: list[int], positions: list[int]):
+    qsl = [0]
+    for c in counts:
+        qsl.append(qsl[-1] + c)
+    def params(rs):
+        return SimpleNamespace(extra_args={vllm_steer.STEER_KEY: rs} if rs else None)
+
+    requests = {r: SimpleNamespace(sampling_params=params(rs)) for r, rs in req_ranges.items()}
+    return SimpleNamespace(
+        input_batch=SimpleNamespace(req_ids=req_ids),
+        requests=requests,
+        query_start_loc=SimpleNamespace(cpu=torch.tensor(qsl)),
+        positions=torch.tensor(positions),
+    )
+
+
+def test_hook_adds_each_tokens_range_vector_for_its_request():
+    v1, v2, v3 = ([float(k)] * 4 for k in (1, 10, 100))
+    # request a: prefill chunk of positions 3..6, ranges [4, 5] -> v1 and [6, 9] -> v2; b: decode at 9, unsteered;
+    # c: decode at 2 with a range that starts later
+    runner = _runner({"a": [(4, 5, v1), (6, 9, v2)], "b": [], "c": [(3, 8, v3)]}, ["a", "b", "c"], [4, 1, 1],
+                     [3, 4, 5, 6, 9, 2, 0, 0])  # fmt: skip  (two padded tokens at the end)
+    hook = vllm_steer._SteerHook(runner)
+    hidden, residual = torch.zeros(8, 4), torch.ones(8, 4)
+    out, res = hook(None, (), (hidden, residual))
+    assert res is residual
+    assert out[:, 0].tolist() == [0, 1, 1, 10, 0, 0, 0, 0]
+    runner.input_batch.req_ids, runner.query_start_loc.cpu = ["c"], torch.tensor([0, 1])
+    runner.positions = torch.tensor([3])
+    out, _ = hook(None, (), (torch.zeros(1, 4), torch.zeros(1, 4)))
+    assert out[0].tolist() == [100.0] * 4
+
+
+def test_hook_leaves_unsteered_steps_untouched():
+    runner = _runner({"a": [], "b": []}, ["a", "b"], [2, 1], [0, 1, 7])
+    assert vllm_steer._SteerHook(runner)(None, (), (torch.zeros(3, 4), torch.zeros(3, 4))) is None
+    runner = _runner({}, [], [], [0])  # profile / dummy run: no requests
+    assert vllm_steer._SteerHook(runner)(None, (), (torch.zeros(1, 4), torch.zeros(1, 4))) is None
+
+
+def test_cache_salt_separates_steering():
+    a, b = [(5, 9, [1.0, 2.0])], [(5, 9, [1.0, 2.5])]
+    assert vllm_steer.cache_salt([]) is None
+    assert vllm_steer.cache_salt(a) == vllm_steer.cache_salt([(5, 9, [1.0, 2.0])])
+    assert len({vllm_steer.cache_salt(a), vllm_steer.cache_salt(b), vllm_steer.cache_salt([(5, 10, [1.0, 2.0])])}) == 3
+
+
+# ---------------------------------------------------------------- real vLLM
+
+
+@pytest.fixture(scope="module")
+def engines():
+    need_vllm()
+    from esm_steer.config import ModelConfig
+    from esm_steer.engine import load_engine
+    from esm_steer.engine.vllm_backend import VLLMEngine
+
+    hf = load_engine(ModelConfig(gguf_file="embedded", dtype="float32", backend="hf", device="cpu"))
+    # KV blocks of 32 tokens (CPU default 128), so that short rollouts fill cached blocks
+    v = VLLMEngine.from_config(ModelConfig(gguf_file="embedded", dtype="float32", backend="vllm", enforce_eager=True,
+                                           max_model_len=512), block_size=32)  # fmt: skip
+    yield hf, v
+    v.close()
+
+
+def _vectors(hf, prompt, k: int):
+    scale = float(hf.hidden_states([prompt])[0][-1].norm()) * 0.5  # large enough to change the greedy tokens
+    g = torch.Generator().manual_seed(0)
+    return [(lambda x: x / x.norm() * scale)(torch.randn(hf.hidden_size, generator=g)) for _ in range(k)]
+
+
+def _hf_steered(hf, prompt, switch_at: int, v1, v2, n: int) -> list[int]:
+    """HF decode: v1 from the first generated position for `switch_at` tokens, then v2."""
+    b = hf.start([prompt], max_new_tokens=n)
+    (r,) = b.active_rows()
+    b.set_steer(r, v1)
+    for _ in range(switch_at):
+        b.step()
+    b.set_steer(r, v2)
+    while b.active_rows():
+        b.step()
+    return list(b.tokens(r))
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_vllm_steered_equals_hf_steered_decode_with_and_without_prefix_cache(engines):
+    hf, v = engines
+    spec = SamplingSpec(max_new_tokens=20)
+    prompts = [hf.encode_chat("Name three colours."), hf.encode_chat("What is 7 + 5? Think step by step.")]
+    v1, v2 = _vectors(hf, prompts[0], 2)
+    ref = [_hf_steered(hf, p, 6, v1, v2, spec.max_new_tokens) for p in prompts]
+    plain = [s[0].token_ids for s in hf.generate(prompts, spec)]
+    assert ref != plain  # the steering changes the tokens, so equality below means something
+    ranges = [[(len(p), len(p) + 5, v1), (len(p) + 6, 10**9, v2)] for p in prompts]
+    # one steered and one unsteered request in the same batch; the prompts are in the prefix cache
+    v.generate(prompts, spec)
+    mixed = vllm_steer.steered_generate(v, prompts, [ranges[0], []], spec)
+    assert mixed[0][0].token_ids == ref[0] and mixed[1][0].token_ids == plain[1]
+    hit = vllm_steer.steered_generate(v, prompts, ranges, spec)  # prefix-cache hits
+    v.llm.reset_prefix_cache()
+    miss = vllm_steer.steered_generate(v, prompts, ranges, spec)  # recomputed from the ranges
+    assert [s[0].token_ids for s in hit] == ref and [s[0].token_ids for s in miss] == ref
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_vllm_never_reuses_kv_computed_under_other_steering(engines):
+    """A request continuing a steered rollout states its past ranges; an unsteered request on
+    the same tokens must not hit the steered KV that the rollout left in the prefix cache."""
+    hf, v = engines
+    prompt = hf.encode_chat("Name three colours.")
+    (v1,) = _vectors(hf, prompt, 1)
+    P = len(prompt)
+    first = vllm_steer.steered_generate(v, [prompt], [[(P, 10**9, v1)]], SamplingSpec(max_new_tokens=48))[0][0]
+    head = prompt + first.token_ids[: 64 - P + 8]  # KV blocks 0..31 and 32..63 full, the second one steered
+    assert P < 32 + 8 and first.num_tokens >= len(head) - P + 8, "the steered rollout stopped too early"
+    n = len(head) - P
+    spec = SamplingSpec(max_new_tokens=8)
+    cont = vllm_steer.steered_generate(v, [head], [[(P, 10**9, v1)]], spec)[0][0].token_ids  # hits both blocks
+    assert cont == first.token_ids[n : n + 8]
+    unsteered, want = v.generate([head], spec)[0][0], hf.generate([head], spec)[0][0]
+    assert unsteered.token_ids == want.token_ids and unsteered.token_ids != cont
+    # stale steered KV would move these by far more than float32 kernel noise
+    assert max(abs(a - b) for a, b in zip(unsteered.logprobs, want.logprobs)) < 1e-3
