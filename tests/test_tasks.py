@@ -9,7 +9,7 @@ import pytest
 
 import esm_steer
 from esm_steer.data.arith import split_of
-from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX, TASKS, DataError, Example, load_task
+from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX, TASKS, DataError, Example, load_split, load_task
 
 
 def write_jsonl(root, task, split, rows):
@@ -274,5 +274,22 @@ def test_arith_difficulty_and_solution():
 def test_arith_bad_args():
     with pytest.raises(DataError, match="difficulty"):
         load_task("arith", "test", difficulty=5)
-    with pytest.raises(DataError, match="splits train and test"):
+    with pytest.raises(DataError, match="splits train, val, test"):
         load_task("arith", "validation")
+
+
+def test_carved_split_is_logged_and_recorded(tmp_path, caplog):
+    rows = [{"qid": f"q{i}", "question": f"Is {i} even?", "answer": i % 2 == 0} for i in range(40)]
+    root = write_jsonl(tmp_path, "strategyqa", "train", rows)
+    carve = {"train": {"train": 0.5, "val": 0.2, "test": 0.3}}
+    with caplog.at_level(logging.INFO, logger="esm_steer.data.tasks"):
+        ex, rec = load_split("strategyqa", "val", data_root=root, carve=carve, split_seed=3)
+    assert rec["source"] == str(root / "strategyqa" / "train.jsonl") and rec["source_split"] == "train"
+    assert rec["carve"] == carve["train"] and rec["split_seed"] == 3 and sum(rec["counts"].values()) == 40
+    assert rec["n"] == rec["counts"]["val"] == len(ex)
+    counts = rec["counts"]
+    assert f"split_seed 3; counts train {counts['train']}, val {counts['val']}, test {counts['test']})" in caplog.text
+    assert "carved from split train (train 0.5, val 0.2, test 0.3;" in caplog.text
+    # ids stay those of the source file's rows
+    assert {e.id for e in ex} <= {r["qid"] for r in rows}
+    assert [e.id for e in load_task("strategyqa", "val", root, carve=carve, split_seed=3)] == [e.id for e in ex]

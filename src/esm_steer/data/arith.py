@@ -4,8 +4,10 @@ difficulty 1: one step, + or -, operands <= 12 (the embedded 135M model solves ~
 difficulty 2: two steps of + / -, operands <= 30;
 difficulty 3: three steps, + / - / "n bags of m" / doubling, operands up to ~99.
 
-Problems come from one seeded stream; each question text goes to train or test by a hash of
-the text, so the splits never share a problem, whatever the seed.
+Problems come from one seeded stream; each question text goes to train, val or test by a hash
+of the text (:func:`split_of`), so the splits never share a problem, whatever the seed. val was
+carved out of the train side later (by a second hash byte): test is what it always was, and a
+train problem keeps its id (ids count the train side, so val leaves gaps in train's).
 """
 
 from __future__ import annotations
@@ -115,33 +117,43 @@ def solution_text(p: ArithProblem) -> str:
     return "\n".join(f"{s}." for s in p.steps) + f"\nThe answer is {p.answer}."
 
 
+SPLITS = ("train", "val", "test")
+SPLIT_RULE = "sha1(question): byte 0 odd -> test; even -> val if byte 1 % 5 == 0 else train"
+
+
 def split_of(question: str) -> str:
-    """train or test, fixed by the question text alone (stable across seeds and runs)."""
-    return "train" if hashlib.sha1(question.encode()).digest()[0] % 2 == 0 else "test"
+    """train, val or test, fixed by the question text alone (stable across seeds and runs)."""
+    digest = hashlib.sha1(question.encode()).digest()
+    if digest[0] % 2:
+        return "test"
+    return "val" if digest[1] % 5 == 0 else "train"  # a fifth of the train side
 
 
 def generate(split: str, seed: int = 0, difficulty: int = 1, num: int = 1000):
     """``num`` distinct problems of one split, deterministic in (seed, difficulty)."""
     from esm_steer.data.tasks import DataError, Example
 
-    if split not in ("train", "test"):
-        raise DataError(f"task=arith has splits train and test, not {split!r}")
+    if split not in SPLITS:
+        raise DataError(f"task=arith has splits {', '.join(SPLITS)}, not {split!r}")
     if difficulty not in LEVELS:
         raise DataError(f"arith difficulty must be 1, 2 or 3, got {difficulty!r}")
     if num < 1:
         raise DataError(f"num_synthetic must be >= 1, got {num}")
     rng = random.Random(f"esm-steer-arith-{seed}-{difficulty}")
-    out, seen = [], set()
+    out, seen, side = [], set(), 0  # side: index among the split's side (train + val for train)
     for _ in range(200 * num):
         p = make_problem(rng, difficulty)
         if p.question in seen:
             continue
         seen.add(p.question)
-        if split_of(p.question) != split:
+        got = split_of(p.question)
+        index = side if split == "train" else len(out)
+        side += got in (("train", "val") if split == "train" else (split,))
+        if got != split:
             continue
         out.append(
             Example(
-                id=f"arith-d{difficulty}-{split}-{len(out)}",
+                id=f"arith-d{difficulty}-{split}-{index}",
                 question=p.question,
                 gold=str(p.answer),
                 solution=solution_text(p),

@@ -5,7 +5,8 @@ kind, the default prompt template and a row -> Example mapping that follows the 
 formats (see ``shared/data/README.md``). Loading order: a local
 ``<data_root>/<task>/<split>.jsonl|.parquet|.json`` (or ``<data_root>/<split>.*`` when
 data_root is the task folder itself), else ``datasets.load_dataset(hub_id, config, split)``.
-Rows missing a required field are skipped and counted, never fatal.
+Rows missing a required field are skipped and counted, never fatal. A split named in
+``carve`` is a seeded share of a source split (see :mod:`esm_steer.splits`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from esm_steer.data.grading import last_boxed
+from esm_steer.splits import carve_assign, carve_source, check_carve, question_hash
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +311,29 @@ def load_task(
     **kwargs: Any,
 ) -> list[Example]:
     """Examples of task ``name`` / ``split``; ``max_examples`` draws a seeded subsample kept in
-    file order. kwargs: ``difficulty``, ``num_synthetic`` (arith), ``hub_id``, ``hub_config``."""
+    file order. kwargs: ``difficulty``, ``num_synthetic`` (arith), ``hub_id``, ``hub_config``,
+    ``carve``, ``split_seed``, ``disjoint_from`` (see :func:`load_split`)."""
+    return load_split(name, split, data_root, max_examples, seed, **kwargs)[0]
+
+
+def load_split(
+    name: str,
+    split: str,
+    data_root: str | Path | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    carve: Mapping | None = None,
+    split_seed: int = 0,
+    disjoint_from: Sequence[str] = (),
+    **kwargs: Any,
+) -> tuple[list[Example], dict]:
+    """(examples, split record) of task ``name`` / ``split``.
+
+    ``carve`` ({source split: {our split: share}}): a split named there gets the rows of the
+    source split whose seeded hash of the normalised question (``split_seed``) falls in its share;
+    other splits are read whole. ``disjoint_from``: our other splits whose questions are dropped
+    from this one (questions that two source files share). The record says which source file,
+    shares, seed and counts were used."""
     spec = TASKS.get(name)
     if spec is None:
         raise DataError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
@@ -319,25 +343,79 @@ def load_task(
     if max_examples is not None and max_examples < 1:
         raise DataError(f"max_examples must be >= 1 or None, got {max_examples}")
 
-    if name == "arith":
-        from esm_steer.data.arith import generate
+    if name == "arith":  # the generator's splits are disjoint by construction (arith.split_of)
+        from esm_steer.data.arith import SPLIT_RULE, generate
 
-        examples = generate(
-            split, seed=seed, difficulty=kwargs.get("difficulty") or 1, num=kwargs.get("num_synthetic") or 1000
-        )
+        difficulty, num = kwargs.get("difficulty") or 1, kwargs.get("num_synthetic") or 1000
+        examples = generate(split, seed=seed, difficulty=difficulty, num=num)
         out = _subsample(examples, max_examples, seed)
+        record = {
+            "task": name, "split": split, "source": "generator", "rule": SPLIT_RULE, "seed": seed,
+            "difficulty": difficulty, "n": len(examples), "loaded": len(out),
+        }  # fmt: skip
         log.info("task=%s split=%s: loaded %d, skipped 0 (synthetic)", name, split, len(out))
-        return out
+        return out, record
 
-    examples, skipped, source = read_examples(spec, split, data_root, kwargs.get("hub_id"), kwargs.get("hub_config"))
-    reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common()) or "none"
+    check_carve(carve)
+    hub = (kwargs.get("hub_id"), kwargs.get("hub_config"))
+    cache: dict[str, tuple] = {}
+    examples, record = _carved(spec, split, data_root, carve, split_seed, hub, cache)
+    reasons = ", ".join(f"{k}: {v}" for k, v in Counter(record["skipped"]).most_common()) or "none"
     log.info(
         "task=%s split=%s: loaded %d, skipped %d (%s) from %s",
-        name, split, len(examples), sum(skipped.values()), reasons, source,
+        name, split, len(examples), sum(record["skipped"].values()), reasons, record["source"],
     )  # fmt: skip
+    others = [o for o in disjoint_from if o != split]
+    if others:
+        taken: set[str] = set()
+        for other in others:
+            try:
+                theirs = _carved(spec, other, data_root, carve, split_seed, hub, cache)[0]
+                taken |= {question_hash(e.question) for e in theirs}
+            except DataError as e:  # no such split here: nothing to keep apart from
+                log.warning("task=%s split=%s: cannot read split %s to keep it disjoint (%s)", name, split, other, e)
+        kept = [e for e in examples if question_hash(e.question) not in taken]
+        record["dropped_in"] = {"splits": others, "n": len(examples) - len(kept)}
+        examples = kept
     if not examples:
-        raise DataError(f"task={name} split={split}: no usable rows in {source} (skipped: {reasons})")
-    return _subsample(examples, max_examples, seed)
+        raise DataError(f"task={name} split={split}: no usable rows in {record['source']} (skipped: {reasons})")
+    out = _subsample(examples, max_examples, seed)
+    record.update(n=len(examples), loaded=len(out))
+    if record.get("carve") or record.get("dropped_in", {}).get("n"):
+        log.info("task=%s split=%s: %s", name, split, describe_split(record))
+    return out, record
+
+
+def describe_split(record: dict) -> str:
+    """One line: where a split's questions came from (carve shares, seed, counts, drops)."""
+    parts = [f"{record.get('n')} questions of {record.get('source')}"]
+    if record.get("carve"):
+        shares = ", ".join(f"{k} {v:g}" for k, v in record["carve"].items())
+        counts = ", ".join(f"{k} {v}" for k, v in record["counts"].items())
+        seed = record["split_seed"]
+        parts.append(f"carved from split {record['source_split']} ({shares}; split_seed {seed}; counts {counts})")
+    if record.get("dropped_in", {}).get("n"):
+        parts.append(f"{record['dropped_in']['n']} dropped as also in {', '.join(record['dropped_in']['splits'])}")
+    return "; ".join(parts)
+
+
+def _carved(spec: TaskSpec, split: str, data_root, carve, split_seed: int, hub: tuple, cache: dict) -> tuple:
+    """The usable examples of our ``split`` (its carve share of the source split, or all of it)."""
+    source, shares = carve_source(carve, split)
+    if source not in cache:
+        cache[source] = read_examples(spec, source, data_root, *hub)
+    examples, skipped, where = cache[source]
+    record: dict[str, Any] = {"task": spec.name, "split": split, "source_split": source, "source": where}
+    record["skipped"] = dict(skipped)
+    if shares:
+        assigned = carve_assign([e.question for e in examples], shares, split_seed)
+        counts = Counter(assigned)
+        record.update(
+            carve=shares, split_seed=int(split_seed), source_rows=len(examples),
+            counts={**{s: counts.get(s, 0) for s in shares}, **({"unused": counts[None]} if counts.get(None) else {})},
+        )  # fmt: skip
+        examples = [e for e, a in zip(examples, assigned) if a == split]
+    return examples, record
 
 
 def read_examples(
