@@ -65,7 +65,7 @@ def test_seed_schema_keys_exist():
         "model.steer_layer", "model.gpu_memory_utilization", "model.max_model_len", "model.max_num_seqs",
         "model.tensor_parallel_size", "task.dataset", "task.data_root", "task.train_split", "task.eval_split",
         "task.max_train_examples", "task.max_eval_examples", "prompt.template", "decode.max_new_tokens",
-        "decode.temperature", "decode.top_p", "decode.logprobs", "control_points.segment_delimiter",
+        "decode.temperature", "decode.top_p", "control_points.segment_delimiter",
         "control_points.M", "offline_mine.K", "offline_mine.K_pos", "offline_mine.K_neg",
         "offline_mine.max_new_tokens", "offline_mine.keep_top_C", "offline_mine.require_correct_and_incorrect",
         "offline_mine.pos_source", "offline_mine.length_penalty", "offline_select.B", "offline_select.method",
@@ -78,6 +78,8 @@ def test_seed_schema_keys_exist():
     ]:
         assert OmegaConf.select(cfg, key, default="MISSING!") != "MISSING!", key
     assert cfg.control_points.segment_delimiter == "\n\n"
+    # the seed's decode.logprobs is gone: nothing read it (the engines always return logprobs)
+    assert OmegaConf.select(cfg, "decode.logprobs", default="MISSING!") == "MISSING!"
 
 
 @pytest.mark.parametrize("task,difficulty", [("arith", 1), ("arith_d2", 2)])
@@ -155,3 +157,28 @@ def test_cli_cfg_job_prints_composed_config(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = OmegaConf.create(r.stdout)
     assert cfg.task.dataset == "gsm8k" and cfg.model.name_or_path == "Qwen/Qwen3-4B-Instruct-2507"
+
+
+SEED_BUDGETS = {"gsm8k": 1024, "svamp": 1024, "arc-c": 1024, "strategyqa": 1024,
+                "math500": 4096, "math": 4096, "aime_2024": 4096, "dapo_math": 4096}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_task_budget_is_the_default_of_both_budgets(task):
+    from esm_steer.config import TaskConfig
+
+    cfg = _compose("eval", [f"task={task}"])
+    assert cfg.task.budget == SEED_BUDGETS.get(task, TaskConfig.budget)  # arith: the schema's
+    assert cfg.decode.max_new_tokens == cfg.offline_mine.max_new_tokens == cfg.task.budget
+
+
+def test_budget_overrides_and_presets_keep_their_own():
+    cfg = _compose("mine", ["task=gsm8k", "decode.max_new_tokens=300"])
+    assert (cfg.decode.max_new_tokens, cfg.offline_mine.max_new_tokens) == (300, 1024)
+    cfg = _compose("eval", ["task=math500", "task.budget=5000"])
+    assert (cfg.decode.max_new_tokens, cfg.offline_mine.max_new_tokens) == (5000, 5000)
+    for preset, t in (("debug", 64), ("gsm8k_recommended_small", 1024), ("gsm8k_recommended_paper", 2048)):
+        cfg = _compose("eval", [f"experiment={preset}"])
+        assert (cfg.decode.max_new_tokens, cfg.offline_mine.max_new_tokens) == (t, t), preset
+    with pytest.raises(ConfigError, match=r"task\.budget=0"):
+        validate(_compose("eval", ["task.budget=0"]))

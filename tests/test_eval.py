@@ -6,11 +6,14 @@ one test runs greedy through the real HF backend on the tiny model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
@@ -42,12 +45,13 @@ class Killed(BaseException):
 class FakeEngine:
     """Answers prompt [i] with the gold of example i when greedy_right(i); i % 7 == 0 truncates."""
 
-    def __init__(self, kill_after_calls: int | None = None, fail_ids: tuple[int, ...] = ()):
+    def __init__(self, kill_after_calls: int | None = None, fail_ids=(), truncate_every: int = 7):
         self.info = EngineInfo("fake", 2, 8, 1, "float32", "fake")
         self.tokenizer = None
         self.calls = 0
         self.kill_after_calls = kill_after_calls
         self.fail_ids = fail_ids
+        self.truncate_every = truncate_every
 
     def generate(self, prompts, spec):
         self.calls += 1
@@ -59,7 +63,7 @@ class FakeEngine:
                 raise RuntimeError(f"boom on {i}")
             ans = EXAMPLES[i].gold if greedy_right(i) else "0"
             n = min(spec.max_new_tokens, 5 + i)
-            finish = "length" if i % 7 == 0 else "stop"
+            finish = "length" if i % self.truncate_every == 0 else "stop"
             out.append([Sample(list(range(n)), f"Thinking.\n\nThe answer is {ans}.", [0.0] * n, finish, 1)])
         return out
 
@@ -174,7 +178,7 @@ def test_per_example_resumes_after_a_kill_without_duplicates(tmp_path, fakes):
 
 
 def test_failed_generation_is_recorded_and_the_run_goes_on(tmp_path, fakes):
-    cfg = compose_cfg(["eval.methods=[greedy]"])
+    cfg = compose_cfg(["eval.methods=[greedy]", "eval.max_error_rate=0.05"])  # 1 of 20 is allowed
     run = Run(tmp_path, cfg)
     ev.run(cfg, run, engine=FakeEngine(fail_ids=(5,)))
     recs = {r["id"]: r for r in read_jsonl(tmp_path / "eval" / "greedy_T16" / "per_example.jsonl")}
@@ -182,6 +186,33 @@ def test_failed_generation_is_recorded_and_the_run_goes_on(tmp_path, fakes):
     assert recs["q005"]["finish_reason"] == R.FINISH_ERROR and recs["q005"]["correct"] is False
     assert "boom" in recs["q005"]["error"]
     assert recs["q006"]["correct"] == greedy_right(6)  # its chunk mates were retried alone
+    main = pd.read_csv(tmp_path / "tables" / "main_results_single.csv")
+    assert main.loc[0, "n_errors"] == 1
+
+
+def test_systematic_failure_stops_the_run_in_one_line(tmp_path, fakes):
+    cfg = compose_cfg(["eval.methods=[greedy]"])  # default eval.max_error_rate = 0.02
+    with pytest.raises(RunError) as e:
+        ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine(fail_ids=range(N)))
+    msg = str(e.value)
+    assert "\n" not in msg and "eval greedy" in msg and f"{N} of {N}" in msg and "eval.max_error_rate" in msg
+    assert "RuntimeError: boom on 0" in msg  # the first error message
+    assert not (tmp_path / "tables" / "main_results_single.csv").exists()
+    # the error records stay on disk (a rerun with a fixed backend has to regenerate them)
+    assert len(read_jsonl(tmp_path / "eval" / "greedy_T16" / "per_example.jsonl")) == N
+
+
+def test_high_truncation_warns_naming_the_key(tmp_path, fakes, caplog):
+    cfg = compose_cfg(["eval.methods=[greedy,esm]"])
+    with caplog.at_level("WARNING", logger="esm_steer.evaluate.eval"):
+        ev.run(cfg, Run(make_artifacts(tmp_path / "a"), cfg), engine=FakeEngine(truncate_every=2))  # greedy 50%
+    warns = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == ev.log.name]
+    assert len(warns) == 1  # greedy only: the fake policy never truncates
+    assert "eval greedy" in warns[0] and "50%" in warns[0] and "decode.max_new_tokens" in warns[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="esm_steer.evaluate.eval"):
+        ev.run(cfg, Run(make_artifacts(tmp_path / "b"), cfg), engine=FakeEngine(truncate_every=7))  # 15%
+    assert not [r for r in caplog.records if "decode.max_new_tokens" in r.getMessage()]
 
 
 def test_missing_artifacts_is_one_line_naming_dir_and_command(tmp_path, fakes):
@@ -190,6 +221,10 @@ def test_missing_artifacts_is_one_line_naming_dir_and_command(tmp_path, fakes):
         ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine())
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path) in msg and "esm-mine" in msg
+    # the hint for a greedy-only run names both keys (ablations also need artifacts)
+    assert "'eval.methods=[greedy]' 'eval.ablations=[]'" in msg
+    hint = compose_cfg(["eval.methods=[greedy]", "eval.ablations=[]", "experiment=debug"])
+    ev.run(hint, Run(tmp_path / "greedy", hint), engine=FakeEngine())  # the hint works even on the debug preset
 
 
 def test_greedy_needs_no_artifacts(tmp_path, fakes):
@@ -199,7 +234,7 @@ def test_greedy_needs_no_artifacts(tmp_path, fakes):
     assert not (tmp_path / "tables" / "ablation.csv").exists()
 
 
-def test_run_offline_if_missing_runs_the_stages_into_this_run(tmp_path, fakes, monkeypatch):
+def test_run_offline_if_missing_runs_the_stages_into_this_run(tmp_path, fakes, monkeypatch, caplog):
     ran = []
 
     def offline(cfg, run):
@@ -207,9 +242,23 @@ def test_run_offline_if_missing_runs_the_stages_into_this_run(tmp_path, fakes, m
         make_artifacts(run.dir)
 
     monkeypatch.setattr(ev, "run_offline_stages", offline)
-    cfg = compose_cfg(["eval.run_offline_if_missing=true"])
-    ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine())
+    cfg = compose_cfg(["eval.run_offline_if_missing=true", "eval.ablations=[no_memory]"])
+    with caplog.at_level("INFO", logger="esm_steer.evaluate.eval"):
+        ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine())
     assert ran == [tmp_path]
+    said = [r.getMessage() for r in caplog.records if "offline stages" in r.getMessage()]
+    assert len(said) == 1  # one line: which stages, into which dir, and why
+    assert "mine -> select -> memory" in said[0] and str(tmp_path) in said[0]
+    assert "lacks library/ and memory/" in said[0] and "needed by esm, no_memory" in said[0]
+    assert "eval.run_offline_if_missing=true" in said[0]
+    caplog.clear()
+    ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine())  # artifacts there now: nothing runs, nothing said
+    assert ran == [tmp_path] and not [r for r in caplog.records if "offline stages" in r.getMessage()]
+
+
+def test_debug_preset_runs_the_offline_stages_when_missing():
+    cfg = compose_cfg(["experiment=debug"])
+    assert cfg.eval.run_offline_if_missing is True
 
 
 @pytest.mark.parametrize("chdir", [True, False])
@@ -274,3 +323,190 @@ def test_a_finished_eval_reruns_without_a_model(tmp_path, fakes, monkeypatch):
     ev.run(cfg, run)
     main = pd.read_csv(tmp_path / "tables" / "main_results_single.csv")
     assert len(main) == 2 and list(main["model"]) == ["fake", "fake"]
+
+
+# ---------------------------------------------------------------- issue 13: variants, static, diagnostics, sweeps
+
+
+def test_online_variant_labels_the_esm_row(tmp_path, fakes):
+    cfg = compose_cfg(["online=no_memory", "eval.methods=[greedy,esm]"])
+    assert cfg.online.variant == "no_memory" and ev.eval_methods(cfg) == ["greedy", "no_memory"]
+    run = Run(make_artifacts(tmp_path), cfg)
+    ev.run(cfg, run, engine=FakeEngine())
+    main = pd.read_csv(run.dir / "tables" / "main_results_single.csv")
+    assert list(main["method"]) == ["greedy", "no_memory"]
+    d = sum(esm_right(i, "no_memory") for i in range(N)) / N - sum(map(greedy_right, range(N))) / N
+    assert main.loc[1, "delta_vs_greedy"] == pytest.approx(d)  # the no_memory policy's answers
+    assert (run.dir / "eval" / "no_memory_T16" / "per_example.jsonl").is_file()
+    assert not (run.dir / "eval" / "esm_T16").exists()
+
+
+def _tiny_library(engine, prompts, qs=(0.5, 0.3, 0.8), scale=0.3):
+    from esm_steer.esm.library import Library, Tool
+    from esm_steer.esm.memory import Memory, l2_normalise
+
+    g = torch.Generator().manual_seed(0)
+    last = torch.stack([h[-1] for h in engine.hidden_states(prompts)])
+    norm = float(last.norm(dim=-1).mean())
+    tools, keys, entries = [], [], []
+    for i, q in enumerate(qs):
+        v = torch.randn(engine.hidden_size, generator=g)
+        states = last[i % len(prompts)][None] + 0.01 * norm * torch.randn(2, engine.hidden_size, generator=g)
+        tools.append(Tool(f"t{i}", f"q{i}", 0, q, scale * norm * v / v.norm(), states.mean(0), states))
+        for s in states:
+            entries.append({"entry_id": len(entries), "tool_id": f"t{i}", "question_id": f"q{i}", "m": 0, "Q": q})
+            keys.append(s.numpy())
+    memory = Memory(l2_normalise(np.stack(keys)), entries, {"normalised": True})
+    return Library(tools, {"hidden_size": engine.hidden_size}), memory
+
+
+class _NoSearch:
+    entries: list = []
+
+    def search(self, queries, k):
+        raise AssertionError("no_memory must not search the memory")
+
+
+def test_online_no_memory_composes_to_the_no_memory_policy(lively_engine, three_prompts):
+    cfg = compose_cfg(["online=no_memory", "control_points.segment_delimiter=er", "online.min_sim=-1"])
+    library, _ = _tiny_library(lively_engine, three_prompts)
+    label = ev.eval_methods(cfg)[1]
+    cache = {"library": library, "memory": _NoSearch()}
+    policy = ev.make_policy(lively_engine, None, cfg, label, cache)
+    assert label == "no_memory" and policy.cfg.variant == "no_memory"
+    generate, _ = ev.make_generator(label, lively_engine, cfg, None, cache)
+    results = generate(three_prompts)
+    steps = [s for r in results for s in r.steps]
+    assert steps and all(s["retrieved"] == [] for s in steps)  # no retrieval
+    top = [t for t, _ in sorted([("t0", 0.5), ("t1", 0.3), ("t2", 0.8)], key=lambda x: -x[1])][: int(cfg.online.L)]
+    assert all([c["tool"] for c in s["candidates"][1:]] == top for s in steps if s["candidates"])  # the top-Q tools
+
+
+def test_static_baseline_row_mean_budget_and_figures(tmp_path, fakes):
+    cfg = compose_cfg(["eval.methods=[greedy,esm,static]", "eval.ablations=[no_memory]"])
+    run = Run(make_artifacts(tmp_path), cfg)
+    ev.run(cfg, run, engine=FakeEngine())
+    main = pd.read_csv(run.dir / "tables" / "main_results_single.csv")
+    assert list(main["method"]) == ["greedy", "esm", "static"] and "mean_budget" in TABLE_COLUMNS
+    assert main.loc[1, "mean_budget"] == pytest.approx(4 + 8)  # kept + probe tokens
+    assert main.loc[0, "mean_budget"] == pytest.approx(main.loc[0, "mean_tokens"])
+    assert not pd.isna(main.loc[2, "delta_vs_greedy"])
+    for f in ("acc_vs_budget_T16.png", "acc_vs_budget_T16.pdf", "steering_diagnostics_T16.png"):
+        assert (run.dir / "figures" / f).stat().st_size > 1000, f
+    diag = json.loads((run.dir / "tables" / "diagnostics_T16.json").read_text())["methods"]
+    assert diag["greedy"]["differ_from_greedy"] is None
+    # FakePolicy answers with token ids [1, 2, 3, 4]: every example differs from FakeEngine's range(n)
+    assert diag["esm"]["differ_from_greedy"] == 1.0
+    flips = sum(greedy_right(i) and not esm_right(i) for i in range(N))
+    assert diag["esm"]["flips_greedy_right_to_wrong"] == flips
+    assert diag["esm"]["flips_greedy_wrong_to_right"] == sum(not greedy_right(i) and esm_right(i) for i in range(N))
+    flat = pd.read_csv(run.dir / "tables" / "diagnostics_T16.csv")
+    cols = {"differ_from_greedy", "flips_greedy_right_to_wrong", "inject_ratio_median", "probe_logprob_gap_median"}
+    assert cols <= set(flat.columns)
+
+
+def _eval_on_lively(tmp_path, name, engine, prompts, overrides, monkeypatch):
+    exs = EXAMPLES[: len(prompts)]
+    monkeypatch.setattr(common, "load_examples", lambda cfg, split, max_examples="auto": list(exs))
+    monkeypatch.setattr(common, "prompt_ids", lambda eng, cfg, e: [prompts[exs.index(x)] for x in e])
+    library, memory = _tiny_library(engine, prompts)
+    orig = ev.make_policy
+    monkeypatch.setattr(ev, "make_policy", lambda eng, art, cfg, v, cache: orig(
+        eng, art, cfg, v, cache.setdefault("library", library) and cache.setdefault("memory", memory) and cache))
+    cfg = compose_cfg(["decode.max_new_tokens=12", "control_points.segment_delimiter=er", "online.min_sim=-1",
+                       "online.probe_tokens=3", *overrides])  # fmt: skip
+    run = Run(make_artifacts(tmp_path / name), cfg)
+    return ev.run(cfg, run, engine=engine), run
+
+
+def test_large_k_scale_changes_the_tokens(tmp_path, lively_engine, three_prompts, monkeypatch):
+    """Catches a silently disconnected steering path: a huge k_scale must change the tokens."""
+    by, run = _eval_on_lively(tmp_path, "big", lively_engine, three_prompts, ["online.k_scale=1000"], monkeypatch)
+    assert all(s["inject_norm"] > 0 for r in by["esm"] for s in r["steps"] if s["chosen"] is not None)
+    assert [r["token_ids"] for r in by["esm"]] != [r["token_ids"] for r in by["greedy"]]
+    diag = json.loads((run.dir / "tables" / "diagnostics_T12.json").read_text())["methods"]["esm"]
+    assert diag["differ_from_greedy"] > 0 and diag["inject_ratio"]["median"] > 1
+    by0, run0 = _eval_on_lively(tmp_path, "zero", lively_engine, three_prompts, ["online.k_scale=0"], monkeypatch)
+    assert [r["token_ids"] for r in by0["esm"]] == [r["token_ids"] for r in by0["greedy"]]
+    diag0 = json.loads((run0.dir / "tables" / "diagnostics_T12.json").read_text())["methods"]["esm"]
+    assert diag0["differ_from_greedy"] == 0
+
+
+def test_a_sweep_over_online_generates_greedy_once(tmp_path, fakes):
+    art = make_artifacts(tmp_path / "art")
+    engines = []
+    for k in ("0.5", "2.0"):
+        cfg = compose_cfg([f"eval.artifact_run_dir={art}", f"online.k_scale={k}"])
+        engines.append(FakeEngine())
+        ev.run(cfg, Run(tmp_path / f"job_k{k}", cfg), engine=engines[-1])
+    assert engines[0].calls == N // 4 and engines[1].calls == 0  # FakePolicy never calls the engine
+    shared = list((art / "eval").glob("greedy_test_T16_*"))
+    assert len(shared) == 1 and len(read_jsonl(shared[0] / "per_example.jsonl")) == N
+    a, b = (read_jsonl(tmp_path / f"job_k{k}" / "eval" / "greedy_T16" / "per_example.jsonl") for k in ("0.5", "2.0"))
+    assert a == b and [r["id"] for r in a] == [e.id for e in EXAMPLES]
+    meta = json.loads((tmp_path / "job_k2.0" / "eval" / "greedy_T16" / "meta.json").read_text())
+    assert meta["shared_greedy_dir"] == str(shared[0])
+
+
+def _suite_job(sweep: Path, num: int, overrides: list[str], rows: list[tuple[str, float, float]], split="val"):
+    d = sweep / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    cfg = f"eval:\n  split: {split}\nonline:\n  variant: esm\nstage:\n  name: eval\n"
+    (d / ".hydra" / "config.yaml").write_text(cfg)
+    (d / "tables").mkdir()
+    pd.DataFrame([{"dataset": "arith", "model": "m", "method": m, "T_max": 16, "n": 100, "accuracy": acc,
+                   "ci_low": acc - 0.1, "ci_high": acc + 0.1, "delta_vs_greedy": dl, "delta_ci_low": dl - 0.05,
+                   "delta_ci_high": dl + 0.05} for m, acc, dl in rows]
+                 ).to_csv(d / "tables" / "main_results_single.csv")  # fmt: skip
+    return d
+
+
+def _suite(tmp_path) -> Path:
+    sweep = tmp_path / "_suite" / "tune"
+    ov = lambda k: [f"online.k_scale={k}", "eval.split=val", "outputs.suite_id=tune"]  # noqa: E731
+    _suite_job(sweep, 0, ov(0.5), [("greedy", 0.4, float("nan")), ("esm", 0.42, 0.02)])
+    _suite_job(sweep, 1, ov(2.0), [("greedy", 0.4, float("nan")), ("esm", 0.47, 0.07)])
+    _suite_job(sweep, 2, ov(4.0), [("greedy", 0.4, float("nan")), ("esm", 0.47, 0.07 - 0.001)])
+    (sweep / "3" / ".hydra").mkdir(parents=True)
+    (sweep / "3" / "error.txt").write_text("boom\n")  # failed: not ranked
+    return sweep
+
+
+def test_suite_ranking_orders_configurations_by_esm_accuracy(tmp_path):
+    from esm_steer.evaluate import suite
+
+    sweep = _suite(tmp_path)
+    suite.aggregate_suite(sweep, figure=False)
+    rk = pd.read_csv(sweep / "tables" / "suite_ranking.csv")
+    assert list(rk["rank"]) == [1, 2, 3]
+    assert list(rk["job_num"]) == [1, 2, 0]  # 0.47 (Δ low 0.02) before 0.47 (Δ low 0.019) before 0.42
+    assert list(rk["online.k_scale"]) == [2.0, 4.0, 0.5] and set(rk["split"]) == {"val"}
+    assert list(rk["greedy_accuracy"]) == [0.4] * 3 and rk.loc[0, "delta_ci_low"] == pytest.approx(0.02)
+
+
+def test_best_of_overrides_keep_the_job_and_force_test():
+    job = ["experiment=debug", "online.k_scale=2.0", "eval.split=val", "outputs.suite_id='tune'",
+           "hydra/launcher=gpu_pool", "launch.gpus='0,1'", "+online.extra=1"]  # fmt: skip
+    cur = ["eval.best_of=outputs/_suite/tune", "eval.methods=[greedy,esm,static]", "online.k_scale=3",
+           "outputs.run_id=x"]  # fmt: skip
+    assert ev.best_of_overrides(job, cur) == ["experiment=debug", "+online.extra=1", "eval.methods=[greedy,esm,static]",
+                                              "online.k_scale=3", "eval.split=test"]  # fmt: skip
+    assert ev.best_of_overrides(job, [])[1:] == ["online.k_scale=2.0", "+online.extra=1", "eval.split=test"]
+
+
+def test_best_of_runs_the_winner_once_on_test(tmp_path, fakes):
+    sweep = _suite(tmp_path)
+    cfg = compose_cfg([f"eval.best_of={sweep}"])
+    run = Run(make_artifacts(tmp_path / "best"), cfg)
+    ev.run(cfg, run, engine=FakeEngine())
+    info = json.loads((run.dir / "best_of.json").read_text())
+    assert info["job_num"] == 1 and info["ranked_on_split"] == "val" and info["accuracy"] == pytest.approx(0.47)
+    assert info["overrides"] == ["online.k_scale=2.0", "eval.split=test"]
+    assert run.cfg.online.k_scale == 2.0 and run.cfg.eval.split == "test" and run.cfg.eval.best_of is None
+    assert json.loads((run.dir / "config_resolved.json").read_text())["online"]["k_scale"] == 2.0
+    assert (run.dir / "tables" / "main_results_single.csv").is_file()
+    sweep2 = tmp_path / "_suite" / "on_test"  # ranked on test: refused
+    _suite_job(sweep2, 0, ["online.k_scale=1"], [("esm", 0.5, 0.0)], split="test")
+    with pytest.raises(RunError, match="ranked on the test split"):
+        ev.run(compose_cfg([f"eval.best_of={sweep2}"]), Run(tmp_path / "b2", cfg), engine=FakeEngine())

@@ -348,3 +348,26 @@ def test_rerun_with_smaller_K_uses_the_first_K_rollouts(tmp_path, tokenizer):
     assert engine.generate_calls == 0 and summary["rollouts"] == 3 * 4
     fresh, _ = run_mine(tmp_path / "b", tokenizer, examples=make_examples(3), **{"offline_mine.K": 4})
     assert read_jsonl(tmp_path / "a" / "mine" / "candidates.jsonl") == read_jsonl(tmp_path / "b" / "mine" / "candidates.jsonl")
+
+
+class TruncatingEngine(FakeEngine):
+    """Marks a rollout cut at max_new_tokens as finish_reason=length, as the real engines do."""
+
+    def generate(self, prompts, spec, prompt_seeds=None):
+        out = super().generate(prompts, spec, prompt_seeds)
+        return [[s if len(s.token_ids) < spec.max_new_tokens else Sample(s.token_ids, s.text, s.logprobs, "length",
+                                                                             s.num_prompt_tokens) for s in row]
+                for row in out]  # fmt: skip
+
+
+def test_high_truncation_warns_naming_the_budget_key(tmp_path, tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="esm_steer.esm.mine"):
+        summary, _ = run_mine(tmp_path / "cut", tokenizer, engine=TruncatingEngine(tokenizer),
+                              **{"offline_mine.max_new_tokens": 4})
+    assert summary["finish_reasons"] == {"length": summary["rollouts"]}
+    warns = [r.getMessage() for r in caplog.records if "offline_mine.max_new_tokens" in r.getMessage()]
+    assert len(warns) == 1 and "100% of 48 rollouts" in warns[0] and "=4 " in warns[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="esm_steer.esm.mine"):
+        run_mine(tmp_path / "ok", tokenizer, engine=TruncatingEngine(tokenizer), **{"offline_mine.max_new_tokens": 64})
+    assert not [r for r in caplog.records if "offline_mine.max_new_tokens" in r.getMessage()]

@@ -341,3 +341,63 @@ def test_eos_in_probe(engine, artifacts, prompts):
             check_budget([r], T_MAX)
     finally:
         eng2._hook.remove()
+
+
+# ---------------------------------------------------------------- static baseline, step norms
+
+
+def _capture_steer(monkeypatch) -> list:
+    """Every vector set on a decode row (None: no steering)."""
+    seen = []
+    orig = HFDecodeBatch.set_steer
+    monkeypatch.setattr(HFDecodeBatch, "set_steer", lambda self, row, v: seen.append(v) or orig(self, row, v))
+    return seen
+
+
+@pytest.mark.parametrize("how", ["top", "mean"])
+def test_static_steers_every_control_point_with_one_vector(engine, artifacts, prompts, greedy, monkeypatch, how):
+    library, _ = artifacts
+    seen = _capture_steer(monkeypatch)
+    forks = []
+    orig_fork = HFDecodeBatch.fork
+    monkeypatch.setattr(HFDecodeBatch, "fork", lambda self, *a, **k: forks.append(a) or orig_fork(self, *a, **k))
+    k = 2.0
+    policy = OnlinePolicy(engine, library, RaisingMemory(), cfg(variant="static", static_vector=how, k_scale=k), CP)
+    results = policy.run(prompts, T_MAX)
+
+    if how == "top":  # t2 has the highest Q (0.8)
+        expected, chosen = torch.as_tensor(library.tools[2].vector).float(), "t2"
+    else:  # Q-weighted mean of the three vectors
+        qs = torch.tensor([t.Q for t in library.tools])
+        vs = torch.stack([torch.as_tensor(t.vector).float() for t in library.tools])
+        expected, chosen = (qs[:, None] * vs).sum(0) / qs.sum(), "mean"
+    steps = [s for r in results for s in r.steps]
+    assert len(steps) > len(prompts)  # control points after m = 0 too
+    assert all(s["chosen"] == chosen and s["scale"] == k for s in steps)
+    assert all(s["retrieved"] == [] and s["candidates"] == [] for s in steps)
+    assert forks == [] and all(r.probe_tokens_used == 0 for r in results)  # no probe
+    assert len(seen) == len(steps) and all(v is not None for v in seen)
+    for v in seen:
+        torch.testing.assert_close(v.float(), k * expected)
+    for s in steps:
+        assert s["inject_norm"] == pytest.approx(float((k * expected).norm()), rel=1e-5)
+        assert s["h_norm"] > 0
+    assert [r.token_ids for r in results] != greedy  # the vector acts
+    check_budget(results, T_MAX)
+
+
+def test_steps_record_key_norm_and_injected_norm(engine, artifacts, prompts):
+    library, _ = artifacts
+    results = run(engine, artifacts, prompts, k_scale=3.0)
+    norms = {t.tool_id: float(torch.as_tensor(t.vector).float().norm()) for t in library.tools}
+    steps = [s for r in results for s in r.steps]
+    assert any(s["chosen"] is not None for s in steps)
+    for s in steps:
+        assert s["h_norm"] > 0
+        if s["chosen"] is None:
+            assert s["inject_norm"] == 0.0
+        else:  # ‖k_scale · Score · v‖
+            assert s["inject_norm"] == pytest.approx(abs(s["scale"]) * norms[s["chosen"]], rel=1e-5)
+    # the first step's key is the prompt's last state, before any steering
+    h0 = engine.hidden_states([prompts[0]])[0][-1]
+    assert results[0].steps[0]["h_norm"] == pytest.approx(float(h0.norm()), rel=1e-4)

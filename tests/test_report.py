@@ -122,3 +122,39 @@ def test_retrieved_summary_groups_entries_by_tool():
     ret = [["t5", 0.99], ["t5", 0.97], ["t1", 0.5], ["t5", 0.98], ["t2", 0.4], ["t3", 0.3]]
     assert report.retrieved_summary(ret, max_tools=3) == "t5:0.990 ×3, t1:0.500, t2:0.400 (+1 tools)"
     assert report.retrieved_summary([]) == ""
+
+
+def test_accuracy_vs_budget_has_one_point_per_method(tmp_path):
+    by = {"greedy": [rec(i, i % 2 == 0, tokens=10) for i in range(10)],
+          "esm": [rec(i, i % 3 == 0, tokens=8, probe=6) for i in range(10)],
+          "static": [rec(i, True, tokens=12) for i in range(10)]}  # fmt: skip
+    pts = report.budget_points(by)
+    assert [p["method"] for p in pts] == ["greedy", "esm", "static"]
+    assert [p["mean_budget"] for p in pts] == [10, 14, 12] and pts[1]["accuracy"] == pytest.approx(0.4)
+    assert pts[2]["ci_low"] < 1 == pts[2]["ci_high"]
+    fig = report.acc_vs_budget_figure(pts, 64)
+    ax = fig.axes[0]
+    assert len(ax.containers) == 3  # one errorbar per method
+    xs = sorted(float(c.lines[0].get_xdata()[0]) for c in ax.containers)
+    assert xs == [10, 12, 14]
+    paths = report.accuracy_vs_budget(by, tmp_path, 64)
+    assert [p.name for p in paths] == ["acc_vs_budget_T64.pdf", "acc_vs_budget_T64.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert report.results_table(by, list(by), "arith", "m", 64)["mean_budget"].tolist() == [10, 14, 12]
+
+
+def test_steering_diagnostics_against_greedy():
+    def step(chosen, h=2.0, inj=1.0, lps=(-1.0, -1.5, -0.2)):
+        cands = [{"tool": None, "logprob": lps[0]}] + [{"tool": f"t{j}", "logprob": lp} for j, lp in enumerate(lps[1:])]
+        return {"chosen": chosen, "h_norm": h, "inject_norm": inj if chosen else 0.0, "candidates": cands, "gate": "ok"}
+
+    greedy = [dict(rec(i, i < 5), token_ids=[1, 2, i]) for i in range(10)]
+    meth = [dict(rec(i, i in (0, 7, 8), steps=[step("t0", inj=i + 1.0), step(None)]),
+                 token_ids=[1, 2, i if i < 6 else 0]) for i in range(10)]  # fmt: skip
+    d = report.diagnose(meth, greedy)
+    assert d["differ_from_greedy"] == pytest.approx(4 / 10)  # ids 6..9 (id 0 keeps token 0)
+    assert d["flips_greedy_right_to_wrong"] == 4 and d["flips_greedy_wrong_to_right"] == 2  # 1-4 lost; 7, 8 won
+    assert d["null_rate"] == pytest.approx(0.5)
+    assert d["probe_logprob_gap"]["median"] == pytest.approx(0.65)  # |−1.5+1| = 0.5, |−0.2+1| = 0.8
+    assert d["inject_ratio"]["median"] == pytest.approx(np.median([(i + 1.0) / 2.0 for i in range(10)]))
+    assert report.diagnose(meth)["differ_from_greedy"] is None  # no greedy: unknown, not 0

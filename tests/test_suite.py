@@ -136,6 +136,38 @@ def test_callback_uses_the_sweep_dir(tmp_path):
     suite.SuiteCallback(enabled=False).on_multirun_end(config=OmegaConf.create({}))  # no-op
 
 
+def test_callback_exits_1_after_the_tables_when_a_job_failed(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    _job(tmp_path / "sw", 0, ["seed=1"], main=[_row("greedy", 0.5)])
+    _job(tmp_path / "sw", 1, ["seed=2"], error="esm-eval: online.L=0 is out of range: must be >= 1")
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sw")}}})
+    with pytest.raises(SystemExit) as e:
+        suite.SuiteCallback().on_multirun_end(config=cfg)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "1 of 2 job(s) failed" in err and "job 1: esm-eval: online.L=0" in err
+    main = pd.read_csv(tmp_path / "sw" / "tables" / "suite_main_results.csv")  # written before the exit
+    assert main["status"].tolist() == ["ok", "failed"]
+    suite.SuiteCallback(exit_on_failure=False).on_multirun_end(config=cfg)  # tables only
+    assert suite.main([str(tmp_path / "sw")]) == 1  # by hand: the same verdict
+
+
+def test_a_sweep_with_a_failing_job_exits_nonzero_with_its_row(tmp_path):
+    """The real esm-eval: job 1 fails validate(); the sweep still writes the suite table."""
+    exe = Path(sys.executable).parent / "esm-eval"
+    cmd = [str(exe), "-m", f"outputs.root_dir={tmp_path / 'out'}", "outputs.suite_id=bad", "eval.methods=[greedy]",
+           "eval.ablations=[]", "task.max_eval_examples=2", "decode.max_new_tokens=2",
+           "eval.bootstrap_samples=200,10"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "1 of 2 job(s) failed (job 1: esm-eval: eval.bootstrap_samples=10 is out of range" in out.stderr
+    main = pd.read_csv(tmp_path / "out" / "_suite" / "bad" / "tables" / "suite_main_results.csv")
+    assert main["status"].tolist() == ["ok", "failed"] and main["eval.bootstrap_samples"].tolist() == [200, 10]
+    assert main.loc[0, "method"] == "greedy" and main.loc[0, "n"] == 2 and pd.isna(main.loc[1, "method"])
+
+
 # ------------------------------------------------------------------ a real multirun
 
 STUB_STAGE = '''
@@ -199,7 +231,8 @@ def test_multirun_gpu_pool_artifact_reuse_and_callback(tmp_path):
            f"eval.artifact_run_dir={root}/offline/latest"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]  # job 2 failed: non-zero, after the tables below
+    assert "1 of 4 job(s) failed (job 2: esm-eval: ValueError: k_scale 2 diverged)" in out.stderr
 
     sweep = root / "_suite" / "t1"
     jobs = sorted(int(p.name) for p in sweep.iterdir() if p.name.isdigit())

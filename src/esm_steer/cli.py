@@ -3,7 +3,7 @@ the stage function. Each stage module exposes ``run(cfg, run) -> None``.
 
 A bad config value or a missing artifact ends the job with one line (exit code 2). In a
 multirun a failing job writes ``error.txt`` into its dir and the sweep goes on, so that the
-suite callback can list it.
+suite callback can list it; the multirun then exits 1 after writing the suite tables.
 """
 
 from __future__ import annotations

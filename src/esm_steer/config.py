@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -46,12 +46,21 @@ class TaskConfig:
     data_root: Optional[str] = None  # local <data_root>/<dataset>/<split>.jsonl|parquet
     hub_id: Optional[str] = None  # used when no local file is found
     hub_config: Optional[str] = None
+    # three disjoint question sets: mining, validation (tuning) and test (eval.split picks val or test)
     train_split: str = "train"
+    val_split: str = "val"
     eval_split: str = "test"
+    # {source split: {our split: share}}: our splits named there are carved out of that source
+    # file by a seeded hash of the normalised question (others are read whole; null: no carve)
+    carve: Optional[dict[str, Any]] = field(default_factory=dict)
+    split_seed: int = 0  # the carve's seed (not cfg.seed: mining and eval runs must agree)
     max_train_examples: Optional[int] = None  # null: all
     max_eval_examples: Optional[int] = None
     difficulty: int = 1  # synthetic arith only: 1 = easy one-step ... 3 = three steps
     num_synthetic: int = 1000  # synthetic arith only: problems per split
+    # the task's token budget: the default of decode.max_new_tokens (T_max of eval) and of
+    # offline_mine.max_new_tokens; each conf/task/*.yaml sets the seed's minimum for its kind
+    budget: int = 512
 
 
 @dataclass
@@ -62,10 +71,9 @@ class PromptConfig:
 
 @dataclass
 class DecodeConfig:
-    max_new_tokens: int = 512  # T_max of eval
+    max_new_tokens: int = II("task.budget")  # T_max of eval
     temperature: float = 0.8  # sampling temperature (mining rollouts)
     top_p: float = 0.95
-    logprobs: bool = True
 
 
 @dataclass
@@ -79,7 +87,7 @@ class OfflineMineConfig:
     K: int = 8
     K_pos: int = 4
     K_neg: int = 4
-    max_new_tokens: int = 512
+    max_new_tokens: int = II("task.budget")
     keep_top_C: int = 256
     require_correct_and_incorrect: bool = True
     pos_source: str = "rollout"  # rollout | gold | rollout_or_gold
@@ -104,7 +112,7 @@ class OfflineMemoryConfig:
 
 @dataclass
 class OnlineConfig:
-    variant: str = "esm"  # esm | no_memory | no_probing
+    variant: str = "esm"  # esm | no_memory | no_probing | static
     k_retrieve: int = 16
     L: int = 3
     probe_tokens: int = 6
@@ -114,20 +122,30 @@ class OnlineConfig:
     tau_null: float = 0.0
     min_sim: float = 0.0
     min_entries: int = 1
+    # baseline static: the one vector injected at every control point (x k_scale): the top-Q
+    # tool's (top) or the Q-weighted mean of the library's vectors (mean)
+    static_vector: str = "top"
 
 
 @dataclass
 class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["greedy", "esm"])
-    ablations: list[str] = field(default_factory=list)  # no_memory | no_probing
+    ablations: list[str] = field(default_factory=list)  # no_memory | no_probing | static
     artifact_run_dir: Optional[str] = None  # null: this run's dir; outputs/<name>/latest works
     tag: Optional[str] = None  # eval/<tag>/; null: derived from method and T_max
+    split: str = "test"  # test: task.eval_split; val: task.val_split (tuning never reads test)
     example_ids: Optional[list[str]] = None  # esm-case: which examples
     bootstrap_samples: int = 2000
     max_cases: int = 5  # per kind (improved / regressed) in cases_T<T>.md
     # with no artifacts in the run dir and no artifact_run_dir: run mine -> select -> memory
     # first in this run dir (a suite job does the whole pipeline); false: fail with one line
     run_offline_if_missing: bool = False
+    # a suite dir (outputs/_suite/<suite_id>): run its best-ranked configuration
+    # (tables/suite_ranking.csv) once on the test split
+    best_of: Optional[str] = None
+    # a method whose share of error records (the generation raised) exceeds this stops the
+    # run in one line: one bad row is recorded as wrong, a systematic failure is not a result
+    max_error_rate: float = 0.02
 
 
 @dataclass
@@ -153,7 +171,13 @@ class Token2048Config:
     temperature: float = 1.0
     top_p: float = 1.0
     grader: str = "auto"  # auto (math_dapo for dapo_math, else the task's) | math_dapo | task
-    questions_per_shard: int = 50  # continue: parquet part files by question chunk
+    # a parquet / jsonl in verl's format (prompt chat list, reward_model.ground_truth,
+    # data_source) read by stage 1 instead of the task loader; null: the task's train split
+    data_path: Optional[str] = None
+    # continue prefixes that finished in stage 1 (end-of-turn stripped), as the seed does;
+    # false: grade them as they are and copy the verdict to their n_cont rows
+    continue_finished: bool = True
+    questions_per_shard: int = 50  # sample and continue: parquet part files by question chunk
     shard_index: int = 0
     num_shards: int = 1
     out_dir: str = "token2048"  # under the run dir
@@ -216,11 +240,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.backend": ("hf", "vllm"),
     "offline_mine.pos_source": ("rollout", "gold", "rollout_or_gold"),
     "offline_select.method": ("dpp", "top", "random"),
-    "online.variant": ("esm", "no_memory", "no_probing"),
+    "online.variant": ("esm", "no_memory", "no_probing", "static"),
+    "online.static_vector": ("top", "mean"),
     "token2048.grader": ("auto", "math_dapo", "task"),
+    "eval.split": ("test", "val"),
 }
-METHODS = ("greedy", "esm")
-ABLATIONS = ("no_memory", "no_probing")
+METHODS = ("greedy", "esm", "static")
+ABLATIONS = ("no_memory", "no_probing", "static")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -251,6 +277,7 @@ def validate(cfg: Any) -> None:
     for k in ("task.max_train_examples", "task.max_eval_examples"):
         need(g(k) is None or g(k) >= 1, k, "null or >= 1")
     need(1 <= g("task.difficulty") <= 3, "task.difficulty", "1, 2 or 3")
+    need(g("task.budget") >= 1, "task.budget", "must be >= 1")
     need(g("decode.max_new_tokens") >= 1, "decode.max_new_tokens", "must be >= 1")
     need(g("decode.temperature") >= 0, "decode.temperature", "must be >= 0")
     need(0 < g("decode.top_p") <= 1, "decode.top_p", "0 < top_p <= 1")
@@ -286,6 +313,7 @@ def validate(cfg: Any) -> None:
     for a in g("eval.ablations"):
         need(a in ABLATIONS, "eval.ablations", "each one of " + ", ".join(ABLATIONS))
     need(g("eval.bootstrap_samples") >= 100, "eval.bootstrap_samples", "must be >= 100")
+    need(0 <= g("eval.max_error_rate") <= 1, "eval.max_error_rate", "0 <= max_error_rate <= 1")
 
     t = "token2048."
     for k in ("n_questions", "n_prefix", "prefix_tokens", "n_cont", "max_new_tokens", "questions_per_shard", "num_shards"):

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from esm_steer.config import ConfigError
 from esm_steer.runs import RunError
 
 log = logging.getLogger(__name__)
@@ -28,25 +29,53 @@ def build_engine(cfg: DictConfig):
 
 def load_examples(cfg: DictConfig, split: str, max_examples: int | None | str = "auto") -> list:
     """The task's examples of `split`. max_examples "auto": task.max_train_examples for the
-    train split, task.max_eval_examples for the eval split, else all."""
-    from esm_steer.data.tasks import load_task
+    train split, task.max_eval_examples for the val and eval splits, else all."""
+    return load_split(cfg, split, max_examples)[0]
+
+
+def load_split(cfg: DictConfig, split: str, max_examples: int | None | str = "auto") -> tuple[list, dict]:
+    """(examples, split record) of `split`: task.carve applied, and questions of the later
+    splits (test, then val) dropped from the earlier ones, so the three never share a question."""
+    from esm_steer.data.tasks import load_split as load_task_split
 
     t = cfg.task
+    roles = [t.train_split, t.val_split, t.eval_split]
+    if len(set(roles)) < 3:
+        raise ConfigError(
+            f"task.train_split={t.train_split!r}, task.val_split={t.val_split!r} and task.eval_split={t.eval_split!r} "
+            "must name three different splits (task.carve carves them out of one source split)"
+        )
     if max_examples == "auto":
         if split == t.train_split:
             max_examples = t.max_train_examples
-        elif split == t.eval_split:
+        elif split in (t.val_split, t.eval_split):
             max_examples = t.max_eval_examples
         else:
             max_examples = None
     kwargs: dict[str, Any] = {}
     if t.dataset == "arith":
+        if t.get("carve"):
+            raise ConfigError("task.carve must be null for task=arith: its generator has the splits train, val, test")
         kwargs.update(difficulty=t.difficulty, num_synthetic=t.num_synthetic)
     else:
         for k in ("hub_id", "hub_config"):
             if t.get(k):
                 kwargs[k] = t[k]
-    return load_task(t.dataset, split, data_root=t.data_root, max_examples=max_examples, seed=cfg.seed, **kwargs)
+        carve = t.get("carve")
+        kwargs.update(
+            carve=OmegaConf.to_container(carve) if isinstance(carve, DictConfig) else carve,
+            split_seed=int(t.get("split_seed") or 0),
+            disjoint_from=roles[roles.index(split) + 1 :] if split in roles else [],
+        )
+    return load_task_split(t.dataset, split, data_root=t.data_root, max_examples=max_examples, seed=cfg.seed, **kwargs)
+
+
+def eval_split(cfg: DictConfig) -> str:
+    """The split esm-eval / esm-case score: task.eval_split (eval.split=test) or task.val_split (val)."""
+    which = str(cfg.eval.get("split", "test"))
+    if which not in ("test", "val"):
+        raise ConfigError(f"eval.split={which!r} is out of range: one of test, val")
+    return str(cfg.task.val_split if which == "val" else cfg.task.eval_split)
 
 
 def prompt_ids(engine_or_tokenizer: Any, cfg: DictConfig, examples: Sequence) -> list[list[int]]:

@@ -37,12 +37,15 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from esm_steer.engine.base import SamplingSpec
+from esm_steer import provenance
+from esm_steer.engine.base import FINISH_LENGTH, SamplingSpec
 from esm_steer.esm import common
-from esm_steer.esm.library import load_steering, prune_steering, save_steering
+from esm_steer.esm.library import load_steering, prune_steering, save_steering, steering_files
 from esm_steer.esm.segments import control_point_offsets, segment_spans, token_pieces
+from esm_steer.evaluate.report import TRUNCATION_WARN_RATE
 from esm_steer.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from esm_steer.runs import RunError, write_latest
+from esm_steer.splits import write_mined_questions
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +330,9 @@ def mine_candidates(engine, examples: Sequence, prompts: Sequence[list[int]], ro
 
 def write_candidates(mine_dir: Path, cands: Sequence[Candidate]) -> None:
     """keys/<id>.pt ({"key", "states"}), vectors/<id>.pt, then candidates.jsonl (last: its
-    presence means the rest is complete); stale files of an earlier run are removed."""
+    presence means the rest is complete); stale files of an earlier run are removed. The
+    manifest follows summary.json (mine() seals the dir)."""
+    provenance.begin(mine_dir, "mine")
     for c in cands:
         save_steering(mine_dir, c.id, c.vector, c.key, c.states)
     prune_steering(mine_dir, {c.id for c in cands})
@@ -335,12 +340,12 @@ def write_candidates(mine_dir: Path, cands: Sequence[Candidate]) -> None:
 
 
 def load_candidates(run_dir: str | Path) -> tuple[list[Candidate], dict]:
-    """Candidates written by esm-mine and the mine summary (model id, layer, hidden size)."""
-    import json
-
+    """Candidates written by esm-mine and the mine summary (model id, layer, hidden size),
+    after checking every file against mine/manifest.json."""
     mine_dir = Path(run_dir) / MINE_DIR
     jsonl = common.require(mine_dir / "candidates.jsonl", "mine")
-    summary = json.loads(common.require(mine_dir / "summary.json", "mine").read_text())
+    provenance.verify(mine_dir, "mine")
+    summary = provenance.read_json(common.require(mine_dir / "summary.json", "mine"))
     out = []
     for r in read_jsonl(jsonl):
         vector, key, states = load_steering(mine_dir, r["id"], "mine")
@@ -379,12 +384,10 @@ def _sampling_config(cfg: DictConfig) -> dict:
 def _check_resume(mine_dir: Path, info, cfg: DictConfig) -> None:
     """A rerun into a run dir whose rollouts came from another model or another sampling
     config would mix them: refuse in one line naming both."""
-    import json
-
     meta_path = mine_dir / "meta.json"
     sampling = _sampling_config(cfg)
     if meta_path.exists() and (mine_dir / "rollouts.jsonl").exists():
-        old = json.loads(meta_path.read_text())
+        old = provenance.read_json(meta_path)
         if old.get("model_id") != info.model_id:
             raise RunError(
                 f"{mine_dir} holds rollouts of model {old.get('model_id')}, not of model {info.model_id}; "
@@ -410,8 +413,11 @@ def mine(
     prompts: Sequence[list[int]],
     is_correct: Callable[[str, str], bool] | None = None,
     pred: Callable[[str], str | None] | None = None,
+    split_record: dict | None = None,
 ) -> dict:
-    """Stage I on given examples and prompt ids; writes mine/* and returns the summary."""
+    """Stage I on given examples and prompt ids; writes mine/* and returns the summary.
+    mine/questions.json holds the hashes of the mining questions (eval refuses overlapping
+    artifacts) and ``split_record``, where they came from."""
     t0 = time.time()
     mine_dir = Path(run_dir) / MINE_DIR
     mine_dir.mkdir(parents=True, exist_ok=True)
@@ -427,6 +433,7 @@ def mine(
     rollouts = [r for r in appender.records if str(r["question_id"]) in wanted and int(r["sample_id"]) < K]
     cands, stats = mine_candidates(engine, examples, prompts, rollouts, cfg)
     write_candidates(mine_dir, cands)
+    write_mined_questions(mine_dir, examples, split_record)
 
     finish = Counter(r["finish_reason"] for r in rollouts)
     info = engine.info
@@ -445,8 +452,10 @@ def mine(
         "K": int(cfg.offline_mine.K),
         "M": int(cfg.control_points.M),
         "pos_source": str(cfg.offline_mine.pos_source),
+        "split": split_record,
     }
     atomic_write_json(mine_dir / "summary.json", summary)
+    provenance.seal(mine_dir, "mine", steering_files(c.id for c in cands) + ["candidates.jsonl", "summary.json"])
     log.info(
         "mine: %d questions, %d with both sets, skipped %s; %d rollouts (acc %s, finish %s); "
         "candidates %d kept of %d, per m %s; %.1f s",
@@ -454,6 +463,11 @@ def mine(
         summary["rollout_accuracy"], dict(finish), len(cands), stats["candidates_total"],
         stats["candidates_per_m"], summary["wall_s"],
     )  # fmt: skip
+    truncated = finish.get(FINISH_LENGTH, 0) / len(rollouts) if rollouts else 0.0
+    if truncated > TRUNCATION_WARN_RATE:
+        log.warning("mine: %.0f%% of %d rollouts stopped at offline_mine.max_new_tokens=%d (finish_reason=length, "
+                    "> %.0f%%): raise offline_mine.max_new_tokens (default task.budget)", 100 * truncated,
+                    len(rollouts), int(cfg.offline_mine.max_new_tokens), 100 * TRUNCATION_WARN_RATE)  # fmt: skip
     if not cands:
         log.warning(
             "mine: no candidates: no question had both a positive and a negative rollout reaching a "
@@ -469,9 +483,9 @@ def run(cfg: DictConfig, run) -> None:
     write_latest(run.dir)  # now, so that outputs.run_id=latest resumes a killed mine
     engine = common.build_engine(cfg)
     try:
-        examples = common.load_examples(cfg, cfg.task.train_split)
+        examples, split_record = common.load_split(cfg, cfg.task.train_split)
         prompts = common.prompt_ids(engine, cfg, examples)
-        mine(cfg, run.dir, engine, examples, prompts)
+        mine(cfg, run.dir, engine, examples, prompts, split_record=split_record)
     finally:
         close = getattr(engine, "close", None)
         if close:

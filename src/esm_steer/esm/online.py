@@ -16,6 +16,14 @@ DESIGN §2 "Online, at each control point", for one row (= one example):
 
 Ablations: ``no_memory`` takes the L library tools with the highest Q (Â_i = Q_i, no
 retrieval); ``no_probing`` scores Score_i = beta·Â_i without any probe decoding.
+Baseline ``static`` (SEAL-style): one fixed vector at every control point, k_scale·v with v the
+top-Q tool's vector (``online.static_vector: top``) or the Q-weighted mean of the library's
+vectors (``mean``); no retrieval, no probe. Each step records the fixed tool (or ``"mean"``) as
+chosen and k_scale as its scale.
+
+Every step also records ``h_norm`` = ‖h_ℓ‖ at the row's last token (the key, before the row's
+own steering) and ``inject_norm`` = the norm of the vector injected for the next segment (0 for
+null), so that the steering strength ‖k_scale·Score·v‖ / ‖h_ℓ‖ is read from the records.
 
 Control points: m = 0 at the end of the prompt, then one each time a kept token completes
 ``control_points.segment_delimiter`` (the :class:`SegmentTracker` rule mining uses), while
@@ -57,7 +65,9 @@ from esm_steer.esm.retrieve import (
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("esm", "no_memory", "no_probing")
+VARIANTS = ("esm", "no_memory", "no_probing", "static")
+STATIC_VECTORS = ("top", "mean")
+STATIC_MEAN = "mean"  # the chosen "tool" of static with online.static_vector=mean
 
 
 @dataclass
@@ -72,7 +82,7 @@ class OnlineResult:
     budget_used: int  # tokens_used + probe_tokens_used
     # one per control point: {"m", "offset", "retrieved": [[tool_id, sim]], "num_kept",
     # "gate", "candidates": [{"tool", "A_hat", "logprob", "score", "probe_token_ids", "eos"}],
-    # "chosen", "scale"}
+    # "chosen", "scale", "h_norm", "inject_norm"}
     steps: list[dict] = field(default_factory=list)
 
 
@@ -131,6 +141,24 @@ class OnlinePolicy:
         # no_memory: the candidates never change (the L highest-Q tools, Â = Q)
         top = library.top_by_q(online_cfg.L) if hasattr(library, "top_by_q") else sorted(library.tools, key=lambda t: -t.Q)
         self._top_by_q = [(t.tool_id, float(t.Q)) for t in top][: online_cfg.L]
+        self._static = self._static_tool() if online_cfg.variant == "static" else None
+
+    def _static_tool(self) -> str | None:
+        """static: the id of the fixed vector (the top-Q tool, or STATIC_MEAN); None: empty library."""
+        how = getattr(self.cfg, "static_vector", "top")
+        if how not in STATIC_VECTORS:
+            raise ValueError(f"online.static_vector={how!r}: one of {', '.join(STATIC_VECTORS)}")
+        tools = list(self.library.tools)
+        if not tools:
+            return None
+        if how == "top":
+            return max(tools, key=lambda t: float(t.Q)).tool_id
+        # Q-weighted mean; Q clipped at 0 (a tool that hurts is no weight), plain mean if all are <= 0
+        vs = torch.stack([torch.as_tensor(t.vector).detach().float().cpu().reshape(-1) for t in tools])
+        w = torch.tensor([max(float(t.Q), 0.0) for t in tools])
+        w = w / w.sum() if float(w.sum()) > 0 else torch.full((len(tools),), 1.0 / len(tools))
+        self._vectors[STATIC_MEAN] = (w[:, None] * vs).sum(0)
+        return STATIC_MEAN
 
     # ------------------------------------------------------------------ public
 
@@ -228,8 +256,13 @@ class OnlinePolicy:
                 "candidates": [],
                 "chosen": None,
                 "scale": 0.0,
+                "h_norm": float(batch.last_hidden(ex.row).float().norm()),  # ‖h_ℓ‖ before this row's steering
+                "inject_norm": 0.0,
             }
             ex.steps.append(step)
+            if self.cfg.variant == "static":
+                self._steer_static(batch, ex, step)
+                continue
             tools = ret.tools[: self.cfg.L]
             if ret.gate != GATE_OK or not tools:
                 step["gate"] = ret.gate if ret.gate != GATE_OK else GATE_NO_TOOLS
@@ -263,8 +296,21 @@ class OnlinePolicy:
             return {r: list(v) for r, v in batch.fork_many(dict(requests)).items()}
         return {row: list(batch.fork(row, n)) for row, n in requests.items()}
 
+    def _steer_static(self, batch, ex: _Example, step: dict) -> None:
+        """static: the same k_scale·v at every control point (no retrieval, no probe)."""
+        if self._static is None:
+            step["gate"] = GATE_NO_TOOLS
+            batch.set_steer(ex.row, None)
+            return
+        scale = float(self.cfg.k_scale)
+        vec = self._vector(self._static, scale) if scale != 0.0 else None
+        step["chosen"] = self._static
+        step["scale"] = scale
+        step["inject_norm"] = float(vec.norm()) if vec is not None else 0.0
+        batch.set_steer(ex.row, vec)
+
     def _retrieve(self, batch, examples: list[_Example]) -> list[Retrieval]:
-        if self.cfg.variant == "no_memory":
+        if self.cfg.variant in ("no_memory", "static"):
             gate = GATE_OK if self._top_by_q else GATE_NO_TOOLS
             return [Retrieval([], 0, gate, list(self._top_by_q)) for _ in examples]
         keys = torch.stack([batch.last_hidden(ex.row).float() for ex in examples]).numpy()
@@ -319,9 +365,11 @@ class OnlinePolicy:
         ]
         step["chosen"] = chosen["tool"]
         step["scale"] = float(scale)
+        vec = self._vector(chosen["tool"], scale) if scale != 0.0 else None
+        step["inject_norm"] = float(vec.norm()) if vec is not None else 0.0
         if batch.finish_reason(winner_row) is None:  # a probe may have ended the row (EOS / T_max)
             # scale 0 (null, or k_scale = 0): no vector at all, bit-identical to the unsteered model
-            batch.set_steer(winner_row, self._vector(chosen["tool"], scale) if scale != 0.0 else None)
+            batch.set_steer(winner_row, vec)
         return winner_row
 
     # ------------------------------------------------------------------ helpers

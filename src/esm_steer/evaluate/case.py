@@ -13,8 +13,10 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
+from esm_steer.engine import require_steering
 from esm_steer.io import atomic_write_text
 from esm_steer.runs import Run, RunError
+from esm_steer.splits import check_no_overlap
 
 from esm_steer.evaluate import records as R
 from esm_steer.evaluate import report
@@ -80,17 +82,19 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         raise RunError("esm-case needs eval.example_ids, e.g. eval.example_ids=[0,6] (ids or positions in the eval split)")
     t_max = int(cfg.decode.max_new_tokens)
     methods = list(cfg.eval.methods)
-    examples_all = common.load_examples(cfg, cfg.task.eval_split)
+    require_steering(cfg.model.backend if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
+    examples_all = common.load_examples(cfg, common.eval_split(cfg))
     wanted = [str(w) for w in cfg.eval.example_ids]
     full = None
     if any(w not in {str(e.id) for e in examples_all} and not w.isdigit() for w in wanted):
-        full = common.load_examples(cfg, cfg.task.eval_split, max_examples=None)
+        full = common.load_examples(cfg, common.eval_split(cfg), max_examples=None)
     examples = pick_examples(examples_all, wanted, full)
 
     artifact_dir = None
     if any(m in R.ONLINE_METHODS for m in methods):
         artifact_dir = resolve_artifact_dir(cfg, run)
         log.info("offline artifacts (library/, memory/) read from %s", artifact_dir)
+    check_no_overlap(artifact_dir, examples, "case")  # never score questions the artifacts were mined on
 
     engine = engine if engine is not None else common.build_engine(cfg)
     prompts = common.prompt_ids(engine, cfg, examples)

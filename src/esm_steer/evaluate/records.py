@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from esm_steer import provenance
 from esm_steer.io import read_jsonl
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ RECORD_FIELDS = (
     "id", "question", "gold", "response", "pred", "correct", "finish_reason",
     "tokens_used", "probe_tokens_used", "budget_used", "steps",
 )  # fmt: skip
-ONLINE_METHODS = ("esm", "no_memory", "no_probing")  # methods that run the online policy
+ONLINE_METHODS = ("esm", "no_memory", "no_probing", "static")  # methods that run the online policy
 
 
 def method_tag(method: str, t_max: int, tag: str | None = None) -> str:
@@ -150,43 +151,31 @@ def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) ->
         "T_max": int(cfg.decode.max_new_tokens),
         "model": {k: cfg.model[k] for k in ("name_or_path", "gguf_file", "dtype", "steer_layer")},
         "task": {k: cfg.task[k] for k in ("dataset", "eval_split", "difficulty", "num_synthetic")},
+        **({"split": "val", "val_split": cfg.task.val_split} if cfg.eval.get("split") == "val" else {}),  # != test
         "prompt": plain(cfg.prompt),
         "seed": int(cfg.seed),
     }
     if any(m in ONLINE_METHODS for m in methods):
-        fp["online"] = {k: v for k, v in plain(cfg.online).items() if k != "variant"}
+        # variant: the method names it; static_vector matters to static only
+        fp["online"] = {k: v for k, v in plain(cfg.online).items()
+                        if k != "variant" and (k != "static_vector" or "static" in methods)}  # fmt: skip
         fp["control_points"] = plain(cfg.control_points)
         fp["artifact_run_dir"] = str(Path(artifact_dir).resolve()) if artifact_dir else None
     return jsonable(fp)
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def open_records(path: str | Path, fp: dict, key: Any = "id") -> "JsonlAppender":
     """The resumable record log at ``path``; RunError (one line) when records already there
     were made under another fingerprint, so a rerun never silently mixes settings."""
-    from esm_steer.io import JsonlAppender, atomic_write_json
-    from esm_steer.runs import RunError
+    from esm_steer.io import JsonlAppender
 
     path = Path(path)
-    fp_path = path.parent / FINGERPRINT
     appender = JsonlAppender(path, key=key)
-    if appender.records and fp_path.exists():
-        import json
-
-        diff = _diff(json.loads(fp_path.read_text()), fp)
-        if diff:
-            raise RunError(
-                f"{path.parent} holds {len(appender.records)} records made with other settings "
-                f"({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}): set eval.tag, use a new run "
-                f"(outputs.run_id), or delete that dir"
-            )
-    atomic_write_json(fp_path, fp)
+    provenance.check_or_write(
+        path.parent / FINGERPRINT,
+        fp,
+        f"{path.parent} holds {len(appender.records)} records",
+        "set eval.tag, use a new run (outputs.run_id), or delete that dir",
+        check=bool(appender.records),
+    )
     return appender

@@ -20,9 +20,12 @@ log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = [
     "dataset", "model", "method", "T_max", "n", "accuracy", "ci_low", "ci_high",
-    "mean_tokens", "truncation_rate", "probe_overhead", "wall_s",
+    "mean_tokens", "mean_budget", "truncation_rate", "n_errors", "probe_overhead", "wall_s",
     "delta_vs_greedy", "delta_ci_low", "delta_ci_high",
 ]  # fmt: skip
+# a run whose share of finish_reason=length responses exceeds this ends with a warning naming
+# the budget key to raise (eval: decode.max_new_tokens; mine: offline_mine.max_new_tokens)
+TRUNCATION_WARN_RATE = 0.2
 BASELINE = "greedy"
 Z95 = 1.959963984540054
 
@@ -73,7 +76,7 @@ def _is_truncated(r: dict) -> bool:
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """accuracy with its Wilson CI, mean tokens, truncation rate, probe overhead, wall s."""
+    """accuracy with its Wilson CI, mean tokens, truncation rate, errors, probe overhead, wall s."""
     n = len(records)
     k = sum(bool(r["correct"]) for r in records)
     lo, hi = wilson_ci(k, n)
@@ -85,7 +88,10 @@ def summarize(records: Sequence[dict]) -> dict:
         "ci_low": lo,
         "ci_high": hi,
         "mean_tokens": used / n if n else math.nan,
+        # kept + probe tokens: the compute a method spent (greedy: = mean_tokens)
+        "mean_budget": sum(r.get("budget_used", r["tokens_used"]) for r in records) / n if n else math.nan,
         "truncation_rate": sum(_is_truncated(r) for r in records) / n if n else math.nan,
+        "n_errors": sum(r.get("finish_reason") == "error" for r in records),
         "probe_overhead": probe / used if used else 0.0,
         "wall_s": float(sum(r.get("wall_s", 0.0) for r in records)),
     }
@@ -102,7 +108,7 @@ def results_table(
     t_max: int,
     bootstrap_samples: int = 2000,
     seed: int = 0,
-    delta_for: Sequence[str] = ("esm", "no_memory", "no_probing"),
+    delta_for: Sequence[str] = ("esm", "no_memory", "no_probing", "static"),
 ):
     """One row per method (in order) with TABLE_COLUMNS; rows in ``delta_for`` also get the
     paired bootstrap CI of accuracy − accuracy(greedy) when greedy ran."""
@@ -128,9 +134,10 @@ def write_csv(df, path: str | Path) -> Path:
 
 def format_table(df) -> str:
     """A compact fixed-width text table for the log."""
-    cols = ["method", "n", "accuracy", "ci_low", "ci_high", "mean_tokens", "truncation_rate",
+    cols = ["method", "n", "accuracy", "ci_low", "ci_high", "mean_tokens", "mean_budget", "truncation_rate",
             "probe_overhead", "wall_s", "delta_vs_greedy", "delta_ci_low", "delta_ci_high"]  # fmt: skip
     short = {"truncation_rate": "trunc", "probe_overhead": "probe/used", "mean_tokens": "tokens",
+             "mean_budget": "budget",
              "delta_vs_greedy": "Δ_greedy", "delta_ci_low": "Δ_lo", "delta_ci_high": "Δ_hi",
              "accuracy": "acc", "ci_low": "acc_lo", "ci_high": "acc_hi"}  # fmt: skip
 
@@ -164,9 +171,48 @@ def _stats(values: Sequence[float]) -> dict:
     }
 
 
-def diagnose(records: Sequence[dict]) -> dict:
+def versus_greedy(records: Sequence[dict], greedy: Sequence[dict] | None) -> dict:
+    """Does steering act? Over the examples both ran (by id): the share whose token_ids differ
+    from greedy's (None when either lacks token_ids), and the paired flips of correctness."""
+    out: dict[str, Any] = {"differ_from_greedy": None, "flips_greedy_right_to_wrong": None,
+                           "flips_greedy_wrong_to_right": None}  # fmt: skip
+    if not greedy:
+        return out
+    g_by_id = {r["id"]: r for r in greedy}
+    pairs = [(r, g_by_id[r["id"]]) for r in records if r["id"] in g_by_id]
+    with_ids = [(r, g) for r, g in pairs if r.get("token_ids") is not None and g.get("token_ids") is not None]
+    if with_ids:
+        differ = sum(list(r["token_ids"]) != list(g["token_ids"]) for r, g in with_ids)
+        out["differ_from_greedy"] = differ / len(with_ids)
+    out["flips_greedy_right_to_wrong"] = sum(bool(g["correct"]) and not r["correct"] for r, g in pairs)
+    out["flips_greedy_wrong_to_right"] = sum(not g["correct"] and bool(r["correct"]) for r, g in pairs)
+    return out
+
+
+def probe_gaps(steps: Sequence[dict]) -> list[float]:
+    """|logprob_i − logprob_null| of every probed tool candidate (null is candidates[0])."""
+    out = []
+    for s in steps:
+        cands = s.get("candidates") or []
+        null = next((c for c in cands if c.get("tool") is None), None)
+        if null is None or null.get("logprob") is None:
+            continue
+        out += [abs(float(c["logprob"]) - float(null["logprob"])) for c in cands
+                if c.get("tool") is not None and c.get("logprob") is not None]  # fmt: skip
+    return out
+
+
+def inject_ratios(steps: Sequence[dict]) -> list[float]:
+    """‖k_scale·Score·v‖ / ‖h_ℓ‖ of every step that injected a vector (h_ℓ: the key, unsteered)."""
+    return [float(s["inject_norm"]) / float(s["h_norm"]) for s in steps
+            if (s.get("inject_norm") or 0) > 0 and (s.get("h_norm") or 0) > 0]  # fmt: skip
+
+
+def diagnose(records: Sequence[dict], greedy: Sequence[dict] | None = None) -> dict:
     """Per-method diagnostics: truncation, token and probe statistics, null rate (steps whose
-    choice is null / steps), retrieval similarities, gate hits, chosen tools."""
+    choice is null / steps), retrieval similarities, gate hits, chosen tools; and whether
+    steering acts: tokens differing from ``greedy``'s, paired flips, |logprob_i − logprob_null|
+    of the probes, ‖injected vector‖ / ‖h_ℓ‖."""
     steps = [s for r in records for s in (r.get("steps") or [])]
     sims = [float(x[1]) for s in steps for x in (s.get("retrieved") or []) if len(x) > 1 and x[1] is not None]
     top1 = [float(s["retrieved"][0][1]) for s in steps if s.get("retrieved")]
@@ -192,6 +238,9 @@ def diagnose(records: Sequence[dict]) -> dict:
         "null_rate": nulls / len(steps) if steps else None,
         "retrieval_sim": _stats(sims),
         "retrieval_top1_sim": _stats(top1),
+        **versus_greedy(records, greedy),
+        "probe_logprob_gap": _stats(probe_gaps(steps)),
+        "inject_ratio": _stats(inject_ratios(steps)),
         "gate_hits": dict(sorted(gates.items())),
         "chosen_tools": dict(chosen.most_common(20)),
     }
@@ -221,7 +270,8 @@ def diagnostics_frame(diag: Mapping[str, dict]):
 
 
 def write_diagnostics(by_method: Mapping[str, Sequence[dict]], out_dir: str | Path, t_max: int, extra: dict | None = None):
-    diag = {m: diagnose(r) for m, r in by_method.items()}
+    greedy = by_method.get(BASELINE)
+    diag = {m: diagnose(r, greedy if m != BASELINE else None) for m, r in by_method.items()}
     out_dir = Path(out_dir)
     write_csv(diagnostics_frame(diag), out_dir / f"diagnostics_T{t_max}.csv")
     atomic_write_json(out_dir / f"diagnostics_T{t_max}.json", {"T_max": t_max, **(extra or {}), "methods": diag})
@@ -256,6 +306,86 @@ def tokens_histogram(by_method: Mapping[str, Sequence[dict]], out_dir: str | Pat
     paths = [atomic_save(out_dir / f"tokens_hist_T{t_max}.{ext}", lambda p: fig.savefig(p)) for ext in ("pdf", "png")]
     plt.close(fig)
     return paths
+
+
+def budget_points(by_method: Mapping[str, Sequence[dict]]) -> list[dict]:
+    """One point per method with records: mean budget (probes counted), accuracy, Wilson CI."""
+    pts = []
+    for m, recs in by_method.items():
+        if recs:
+            s = summarize(recs)
+            pts.append({"method": m, **{k: s[k] for k in ("mean_budget", "accuracy", "ci_low", "ci_high", "n")}})
+    return pts
+
+
+def acc_vs_budget_figure(points: Sequence[dict], t_max: int):
+    """Accuracy (95% Wilson CI) against mean budget, one errorbar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    markers = "osD^vP*X"
+    for i, p in enumerate(points):
+        err = [[max(0.0, p["accuracy"] - p["ci_low"])], [max(0.0, p["ci_high"] - p["accuracy"])]]
+        ax.errorbar([p["mean_budget"]], [p["accuracy"]], yerr=err, fmt=markers[i % len(markers)], capsize=4,
+                    label=f"{p['method']} (n={p['n']})")  # fmt: skip
+    ax.set_xlabel("mean budget (kept + probe tokens)")
+    ax.set_ylabel("accuracy (95% Wilson CI)")
+    ax.set_title(f"Accuracy vs compute, T_max={t_max}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_budget(by_method: Mapping[str, Sequence[dict]], out_dir: str | Path, t_max: int) -> list[Path]:
+    """figures/acc_vs_budget_T<T>.pdf|png: every method of the run, accuracy against mean budget."""
+    import matplotlib.pyplot as plt
+
+    fig = acc_vs_budget_figure(budget_points(by_method), t_max)
+    out_dir = Path(out_dir)
+    paths = [atomic_save(out_dir / f"acc_vs_budget_T{t_max}.{ext}", lambda p: fig.savefig(p)) for ext in ("pdf", "png")]
+    plt.close(fig)
+    return paths
+
+
+def steering_diagnostics_figure(diag: Mapping[str, dict], out_dir: str | Path, t_max: int) -> Path | None:
+    """figures/steering_diagnostics_T<T>.png: per non-greedy method, the share of responses
+    differing from greedy, the paired flips, and the median ‖injected‖/‖h_ℓ‖. None: nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in diag if m != BASELINE]
+    if not methods:
+        return None
+    num = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    x = np.arange(len(methods))
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 2.2 * len(methods), 3.6))
+    axes[0].bar(x, [num(diag[m].get("differ_from_greedy")) for m in methods], color="tab:blue")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("tokens differ from greedy", fontsize=9)
+    w = 0.4
+    axes[1].bar(x - w / 2, [num(diag[m].get("flips_greedy_right_to_wrong")) for m in methods], w, color="tab:red",
+                label="greedy right → wrong")  # fmt: skip
+    axes[1].bar(x + w / 2, [num(diag[m].get("flips_greedy_wrong_to_right")) for m in methods], w, color="tab:green",
+                label="greedy wrong → right")  # fmt: skip
+    axes[1].set_title("paired flips (examples)", fontsize=9)
+    axes[1].legend(fontsize=7)
+    axes[2].bar(x, [num((diag[m].get("inject_ratio") or {}).get("median")) for m in methods], color="tab:purple")
+    axes[2].set_title("median ‖injected‖ / ‖h_ℓ‖", fontsize=9)
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(methods, fontsize=8, rotation=20)
+    fig.suptitle(f"Does steering act? T_max={t_max}", fontsize=10)
+    fig.tight_layout()
+    try:
+        return atomic_save(Path(out_dir) / f"steering_diagnostics_T{t_max}.png", lambda p: fig.savefig(p, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------- case files
@@ -397,8 +527,10 @@ def cases_markdown(
     return "".join(parts)
 
 
-def write_cases(base, treat, out_path: str | Path, t_max: int, max_cases: int = 5, delimiter: str | None = "\n\n") -> Path:
-    return atomic_write_text(out_path, cases_markdown(base, treat, t_max, max_cases, delimiter=delimiter))
+def write_cases(base, treat, out_path: str | Path, t_max: int, max_cases: int = 5, delimiter: str | None = "\n\n",
+                treat_name: str = "esm") -> Path:  # fmt: skip
+    text = cases_markdown(base, treat, t_max, max_cases, treat_name=treat_name, delimiter=delimiter)
+    return atomic_write_text(out_path, text)
 
 
 def case_markdown(

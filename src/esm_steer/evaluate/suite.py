@@ -11,8 +11,10 @@ Reads each job dir ``<sweep dir>/<job_num>/`` (``tables/main_results_single.csv`
 - ``<sweep dir>/figures/suite_accuracy.png``: accuracy with its CI per job × method.
 
 A failed job (``error.txt``, or no tables where esm-eval should have written them) is one row
-with its error; it never stops the aggregation. Jobs of other entrypoints (token-2048 shards,
-mine) write no tables: they are listed with their status only. Enabled for every multirun in
+with its error; it never stops the aggregation. After the tables are written, a sweep with a
+failed job exits 1 with one line naming the first failure (``exit_on_failure=false`` keeps 0).
+Jobs of other entrypoints (token-2048 shards, mine) write no tables: they are listed with
+their status only. Enabled for every multirun in
 ``conf/config.yaml`` (``hydra.callbacks.suite``); to aggregate a sweep dir again by hand:
 ``python -m esm_steer.evaluate.suite outputs/_suite/<suite_id>``.
 """
@@ -38,6 +40,7 @@ ABLATION_TABLE = "ablation.csv"
 SUITE_MAIN = "suite_main_results.csv"
 SUITE_ABLATION = "suite_ablation_long.csv"
 SUITE_FIGURE = "suite_accuracy.png"
+SUITE_RANKING = "suite_ranking.csv"
 JOB_COLUMNS = ["job_num", "status", "error", "gpu"]
 TABLE_STAGES = ("eval",)  # jobs whose stage writes tables/main_results_single.csv
 
@@ -273,11 +276,16 @@ def _write_csv(df, path: Path) -> Path:
 
 def aggregate_suite(sweep_dir: str | Path, figure: bool = True) -> dict[str, Path]:
     """Write the suite tables (and figure) of a sweep dir; returns {name: path} of what it wrote."""
+    return aggregate_jobs(sweep_dir, figure)[0]
+
+
+def aggregate_jobs(sweep_dir: str | Path, figure: bool = True) -> tuple[dict[str, Path], list[Job]]:
+    """aggregate_suite, also returning the jobs read (their status says which failed)."""
     sweep_dir = Path(sweep_dir)
     jobs = [read_job(num, d) for num, d in job_dirs(sweep_dir)]
     if not jobs:
         log.warning("suite: no job dirs under %s; nothing to aggregate", sweep_dir)
-        return {}
+        return {}, []
     keys = _override_keys(jobs)
     written: dict[str, Path] = {}
     main = _job_table(jobs, MAIN_TABLE, keys, ablation=False)
@@ -286,6 +294,7 @@ def aggregate_suite(sweep_dir: str | Path, figure: bool = True) -> dict[str, Pat
         abl = _job_table(jobs, ABLATION_TABLE, keys, ablation=True)
         if abl is not None:
             written["ablation"] = _write_csv(abl, sweep_dir / "tables" / SUITE_ABLATION)
+    rank_configurations(sweep_dir, jobs)  # tables/suite_ranking.csv (eval.best_of reads it)
     if figure:
         try:
             fig = plot_suite(main, jobs, sweep_dir / "figures" / SUITE_FIGURE)
@@ -299,25 +308,104 @@ def aggregate_suite(sweep_dir: str | Path, figure: bool = True) -> dict[str, Pat
     for j in jobs:
         if j.status != "ok":
             log.warning("suite: job %d failed: %s", j.num, j.error)
-    return written
+    return written, jobs
+
+
+def failure_line(jobs: list[Job], written: dict[str, Path]) -> str | None:
+    """One line for a sweep with failed jobs (None when all are ok)."""
+    failed = [j for j in jobs if j.status != "ok"]
+    if not failed:
+        return None
+    where = written.get("main", "the suite tables")
+    return (f"suite: {len(failed)} of {len(jobs)} job(s) failed (job {failed[0].num}: {failed[0].error}); "
+            f"every job's row, failed ones with their error, is in {where}")  # fmt: skip
+
+
+def _job_setting(job: Job, key: str, default: Any = None) -> Any:
+    """A value of the job's composed config (.hydra/config.yaml); ``default`` when unreadable."""
+    from omegaconf import OmegaConf
+
+    try:
+        v = OmegaConf.select(OmegaConf.load(job.dir / ".hydra" / "config.yaml"), key, default=default)
+    except Exception:  # noqa: BLE001 - a missing file or an interpolation needing a resolver
+        return default
+    return default if v is None else v
+
+
+def rank_configurations(sweep_dir: str | Path, jobs: Optional[list[Job]] = None, write: bool = True):
+    """``tables/suite_ranking.csv``: one row per finished job, ranked by the accuracy of its esm
+    row (labelled online.variant) on the split it ran, best first, with the paired CI against
+    greedy (ties: the higher CI low end, then the lower job number). None when no job has one."""
+    import pandas as pd
+
+    sweep_dir = Path(sweep_dir)
+    jobs = jobs if jobs is not None else [read_job(num, d) for num, d in job_dirs(sweep_dir)]
+    keys = _varying(jobs, _override_keys(jobs))
+    rows = []
+    for job in jobs:
+        path = job.dir / "tables" / MAIN_TABLE
+        if job.status != "ok" or not path.exists():
+            continue
+        try:
+            df = _read_csv(path)
+        except Exception as e:  # noqa: BLE001 - listed as failed in the suite tables already
+            log.debug("suite ranking: job %d: %s", job.num, e)
+            continue
+        if "method" not in df.columns or "accuracy" not in df.columns:
+            continue
+        label = str(_job_setting(job, "online.variant", "esm"))
+        hit, greedy = df[df["method"] == label], df[df["method"] == "greedy"]
+        if hit.empty:
+            continue
+        r = hit.iloc[0]
+        row: dict[str, Any] = {"job_num": job.num, **{_ov_col(k): job.overrides.get(k) for k in keys},
+                               "overrides": " ".join(job.override_list),
+                               "split": str(_job_setting(job, "eval.split", _job_setting(job, "task.eval_split", "?"))),
+                               "method": label}  # fmt: skip
+        for c in ("n", "accuracy", "ci_low", "ci_high", "delta_vs_greedy", "delta_ci_low", "delta_ci_high",
+                  "mean_tokens", "mean_budget"):  # fmt: skip
+            row[c] = r.get(c)
+        row["greedy_accuracy"] = greedy.iloc[0]["accuracy"] if not greedy.empty else math.nan
+        row["job_dir"] = str(job.dir)
+        rows.append(row)
+    if not rows:
+        return None
+    df = pd.DataFrame(rows)
+    df["_lo"] = df["delta_ci_low"].astype(float).fillna(-math.inf)
+    df = df.sort_values(["accuracy", "_lo", "job_num"], ascending=[False, False, True], kind="stable")
+    df = df.drop(columns="_lo").reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    if "test" in set(df["split"]):
+        log.warning("suite ranking: some jobs ran on the test split; tune on eval.split=val")
+    if write:
+        _write_csv(df, sweep_dir / "tables" / SUITE_RANKING)
+    return df
 
 
 class SuiteCallback(Callback):
     """``hydra.callbacks.suite`` in conf/config.yaml: aggregate every multirun when it ends."""
 
-    def __init__(self, enabled: bool = True, figure: bool = True) -> None:
+    def __init__(self, enabled: bool = True, figure: bool = True, exit_on_failure: bool = True) -> None:
         self.enabled = enabled
         self.figure = figure
+        self.exit_on_failure = exit_on_failure
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Aggregate; then, when a job failed (or the aggregation did), exit 1 with one line.
+        SystemExit passes Hydra's callback guard, which would turn an exception into a warning."""
         if not self.enabled:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            aggregate_suite(sweep_dir, figure=self.figure)
+            written, jobs = aggregate_jobs(sweep_dir, figure=self.figure)
+            problem = failure_line(jobs, written)
         except Exception:  # noqa: BLE001 - the jobs are done and on disk; say how to redo it
             log.exception("suite aggregation of %s failed; rerun it with: python -m esm_steer.evaluate.suite %s",
                           sweep_dir, sweep_dir)  # fmt: skip
+            problem = f"suite: the aggregation of {sweep_dir} failed (see the log)"
+        if problem and self.exit_on_failure:
+            print(problem, file=sys.stderr)
+            sys.exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -326,10 +414,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: python -m esm_steer.evaluate.suite <sweep dir, e.g. outputs/_suite/<suite_id>>", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] %(message)s")
-    written = aggregate_suite(argv[0])
+    written, jobs = aggregate_jobs(argv[0])
     for name, path in written.items():
         print(f"{name}: {path}")
-    return 0 if written else 1
+    problem = failure_line(jobs, written)
+    if problem:
+        print(problem, file=sys.stderr)
+    return 0 if written and not problem else 1
 
 
 if __name__ == "__main__":
