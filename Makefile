@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OUT ?= outputs
 DEMO := experiment=debug outputs.root_dir=$(OUT)
 
-.PHONY: install install-vllm test test-vllm test-fast demo demo-token2048 bench clean
+.PHONY: install install-vllm lint test test-vllm test-fast demo demo-token2048 bench clean
 
 install: $(STAMP)
 
@@ -50,7 +50,12 @@ test-vllm: install-vllm
 		n = sum(int(t.get('skipped', 0)) for t in s); sys.exit(f'test-vllm: {n} vLLM tests skipped' if n else 0)" \
 		$(VLLM_VENV)/test-vllm.xml
 
-test: install
+# ruff (config in pyproject.toml): lint and format check; `make test` runs it before pytest
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: install

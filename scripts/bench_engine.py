@@ -131,7 +131,10 @@ def main():
         engine.model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=engine.pad_id)
         t0 = time.perf_counter()
         engine.model.generate(
-            **enc, max_new_tokens=args.new_tokens + 1, min_new_tokens=args.new_tokens + 1, do_sample=False,
+            **enc,
+            max_new_tokens=args.new_tokens + 1,
+            min_new_tokens=args.new_tokens + 1,
+            do_sample=False,
             pad_token_id=engine.pad_id,
         )
         hf_gen = len(p16) * (args.new_tokens + 1) / (time.perf_counter() - t0)  # includes its prefill
@@ -145,7 +148,9 @@ def main():
         out = engine.generate(p16, spec)
         hf_tps = sum(s.num_tokens for r in out for s in r) / (time.perf_counter() - t0)
         engine.close()
-        veng = load_engine(ModelConfig(gguf_file="embedded", dtype=args.dtype, backend="vllm", enforce_eager=True), seed=0)
+        veng = load_engine(
+            ModelConfig(gguf_file="embedded", dtype=args.dtype, backend="vllm", enforce_eager=True), seed=0
+        )
         vllm_steer.install(veng)  # eager engine: the per-request steering hook at layer ℓ
         veng.generate(p16[:2], SamplingSpec(max_new_tokens=4))
         g = torch.Generator().manual_seed(0)
@@ -158,10 +163,15 @@ def main():
                 spent[k] += time.perf_counter() - t0
                 toks[k] += sum(s.num_tokens for r in out for s in r)
         v_tps, vs_tps = toks[0] / spent[0], toks[1] / spent[1]
-        rows += [("HF generate (sampling)", hf_tps), ("vLLM generate (sampling)", v_tps),
-                 ("vLLM steered generate (sampling, eager)", vs_tps)]  # fmt: skip
-        vllm_note = (f"HF / vLLM unsteered tokens/s: {hf_tps / v_tps:.2f}\n"
-                     f"  vLLM steered / unsteered tokens/s (eager): {vs_tps / v_tps:.3f}   (>= 0.8)")  # fmt: skip
+        rows += [
+            ("HF generate (sampling)", hf_tps),
+            ("vLLM generate (sampling)", v_tps),
+            ("vLLM steered generate (sampling, eager)", vs_tps),
+        ]
+        vllm_note = (
+            f"HF / vLLM unsteered tokens/s: {hf_tps / v_tps:.2f}\n"
+            f"  vLLM steered / unsteered tokens/s (eager): {vs_tps / v_tps:.3f}   (>= 0.8)"
+        )
 
     print(f"\n{'measurement':45s} {'tok/s':>8s}")
     for name, v in rows:

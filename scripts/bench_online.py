@@ -63,10 +63,19 @@ def synthetic_artifacts(engine, prompts, B: int, vnorm: float, seed: int = 0):
         v = torch.randn(d, generator=g)
         anchors = mean + spread * torch.randn(4, d, generator=g)
         q = float(torch.rand((), generator=g))
-        tools.append(Tool(f"s{i:04d}", f"synthetic{i}", i % 3, q, vnorm * h_norm * v / v.norm(), anchors.mean(0), anchors))
+        tools.append(
+            Tool(f"s{i:04d}", f"synthetic{i}", i % 3, q, vnorm * h_norm * v / v.norm(), anchors.mean(0), anchors)
+        )
         for a in anchors:
-            entries.append({"entry_id": len(entries), "tool_id": tools[-1].tool_id, "question_id": f"synthetic{i}",
-                            "m": i % 3, "Q": q})  # fmt: skip
+            entries.append(
+                {
+                    "entry_id": len(entries),
+                    "tool_id": tools[-1].tool_id,
+                    "question_id": f"synthetic{i}",
+                    "m": i % 3,
+                    "Q": q,
+                }
+            )
             keys.append(a.numpy())
     meta = {"model_id": engine.info.model_id, "steer_layer": engine.info.steer_layer, "hidden_size": d}
     memory = Memory(l2_normalise(np.stack(keys)), entries, {"normalised": True, "model": engine.info.model_id})
@@ -131,16 +140,23 @@ def main() -> None:
     greedy_tokens = sum(len(g.token_ids) for g in greedy)
     wall_ratio = min(t_esm) / min(t_greedy)
     probe_ratio = s["probe_tokens_used"] / max(1, s["tokens_used"])
-    print(f"\nbench_online: {engine.info.model_id} ({engine.info.dtype}, {args.threads} thread(s)), "
-          f"{len(prompts)} examples of {cfg.task.dataset}, T_max={T}, batch_size={cfg.model.batch_size}, "
-          f"variant={args.variant}")  # fmt: skip
+    print(
+        f"\nbench_online: {engine.info.model_id} ({engine.info.dtype}, {args.threads} thread(s)), "
+        f"{len(prompts)} examples of {cfg.task.dataset}, T_max={T}, batch_size={cfg.model.batch_size}, "
+        f"variant={args.variant}"
+    )
     print(f"  {source}: {len(library.tools)} tools, {len(memory.entries)} entries")
-    print(f"  online: k_retrieve={online.k_retrieve} L={online.L} probe_tokens={online.probe_tokens} "
-          f"k_scale={online.k_scale}; control points: delimiter={cfg.control_points.segment_delimiter!r} M={cfg.control_points.M}")  # fmt: skip
+    print(
+        f"  online: k_retrieve={online.k_retrieve} L={online.L} probe_tokens={online.probe_tokens} "
+        f"k_scale={online.k_scale}; control points: "
+        f"delimiter={cfg.control_points.segment_delimiter!r} M={cfg.control_points.M}"
+    )
     print(f"  greedy: {min(t_greedy):.2f}s ({greedy_tokens} tokens)   rounds {[round(t, 2) for t in t_greedy]}")
-    print(f"  ESM:    {min(t_esm):.2f}s ({s['tokens_used']} kept + {s['probe_tokens_used']} probe tokens, "
-          f"{s['control_points']} control points, null rate {s['null_rate']:.2f}, gates {s['gates']})   "
-          f"rounds {[round(t, 2) for t in t_esm]}")  # fmt: skip
+    print(
+        f"  ESM:    {min(t_esm):.2f}s ({s['tokens_used']} kept + {s['probe_tokens_used']} probe tokens, "
+        f"{s['control_points']} control points, null rate {s['null_rate']:.2f}, gates {s['gates']})   "
+        f"rounds {[round(t, 2) for t in t_esm]}"
+    )
     print(f"  ESM wall / greedy wall      = {wall_ratio:.2f}   (goal <= 1.5)")
     print(f"  probe tokens / used tokens  = {probe_ratio:.2f}   (goal <= 0.5)")
 

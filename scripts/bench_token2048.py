@@ -58,7 +58,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefix-tokens", type=int, default=256)
     ap.add_argument("--n", type=int, default=16, help="continuations of the prefix")
-    ap.add_argument("--new-tokens", type=int, nargs="+", default=[32, 8], help="max new tokens per continuation (several: one row each)")
+    ap.add_argument(
+        "--new-tokens",
+        type=int,
+        nargs="+",
+        default=[32, 8],
+        help="max new tokens per continuation (several: one row each)",
+    )
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
@@ -86,8 +92,10 @@ def main() -> None:
         one = SamplingSpec(max_new_tokens=new, temperature=1.0, top_p=1.0, n=1, seed=0)
         shared, reenc = [], []
         for _ in range(args.repeats):  # alternate, so a load change on the machine hits both
-            shared.append(timed(lambda: engine.generate([prefix], spec, prompt_seeds=[0])))
-            reenc.append(timed(lambda: engine.generate([prefix] * args.n, one, prompt_seeds=list(range(args.n)))))
+            shared.append(timed(lambda spec=spec: engine.generate([prefix], spec, prompt_seeds=[0])))
+            reenc.append(
+                timed(lambda one=one: engine.generate([prefix] * args.n, one, prompt_seeds=list(range(args.n))))
+            )
         a, b = tps(shared), tps(reenc)
         print(f"{new} new tokens per continuation:")
         for name, runs, v in (("shared prefix (prefill once + fork)", shared, a), (f"re-encode x{args.n}", reenc, b)):

@@ -213,7 +213,9 @@ def test_generate_calls_back_at_control_points(lively, prompts, tokenizer):
         on_control_point=lambda batch, row: calls.append(len(batch.tokens(row))),
     )[0][0]
     assert out.token_ids == ref.token_ids
-    expected = [j + 1 for j in range(len(pieces)) if "".join(pieces[: j + 1]).count(delim) > "".join(pieces[:j]).count(delim)]
+    expected = [
+        j + 1 for j in range(len(pieces)) if "".join(pieces[: j + 1]).count(delim) > "".join(pieces[:j]).count(delim)
+    ]
     assert calls == [e for e in expected if e < 20] and calls
 
 

@@ -77,19 +77,45 @@ class FakePolicy:
         for (i,) in prompts:
             ans = EXAMPLES[i].gold if esm_right(i, self.variant) else "0"
             steps = [
-                {"m": 0, "offset": 0, "retrieved": [[3, 0.9], [5, 0.4]], "gate": "ok",
-                 "candidates": [{"tool": 3, "A_hat": 0.5, "logprob": -1.0, "score": 0.42}], "chosen": 3, "scale": 0.42},
-                {"m": 1, "offset": 2, "retrieved": [], "gate": "min_entries", "candidates": [], "chosen": None, "scale": None},
-            ]  # fmt: skip
+                {
+                    "m": 0,
+                    "offset": 0,
+                    "retrieved": [[3, 0.9], [5, 0.4]],
+                    "gate": "ok",
+                    "candidates": [{"tool": 3, "A_hat": 0.5, "logprob": -1.0, "score": 0.42}],
+                    "chosen": 3,
+                    "scale": 0.42,
+                },
+                {
+                    "m": 1,
+                    "offset": 2,
+                    "retrieved": [],
+                    "gate": "min_entries",
+                    "candidates": [],
+                    "chosen": None,
+                    "scale": None,
+                },
+            ]
             probe = 0 if self.variant == "no_probing" else 8
-            out.append(SimpleNamespace(token_ids=[1, 2, 3, 4], text=f"Thinking.\n\nThe answer is {ans}.", finish_reason="stop",
-                                       tokens_used=4, probe_tokens_used=probe, budget_used=4 + probe, steps=steps))  # fmt: skip
+            out.append(
+                SimpleNamespace(
+                    token_ids=[1, 2, 3, 4],
+                    text=f"Thinking.\n\nThe answer is {ans}.",
+                    finish_reason="stop",
+                    tokens_used=4,
+                    probe_tokens_used=probe,
+                    budget_used=4 + probe,
+                    steps=steps,
+                )
+            )
         return out
 
 
 def compose_cfg(overrides: list[str] | None = None, entry: str = "eval"):
     with initialize_config_module(config_module="esm_steer.conf", version_base="1.3"):
-        return compose(config_name=entry, overrides=["decode.max_new_tokens=16", "model.batch_size=4"] + (overrides or []))
+        return compose(
+            config_name=entry, overrides=["decode.max_new_tokens=16", "model.batch_size=4"] + (overrides or [])
+        )
 
 
 @pytest.fixture
@@ -136,11 +162,19 @@ def test_eval_writes_records_tables_figures_cases(tmp_path, fakes):
     assert list(abl["method"]) == ["esm", "no_memory", "no_probing"]
     assert abl.loc[2, "probe_overhead"] == 0
 
-    for f in ("tables/diagnostics_T16.csv", "tables/diagnostics_T16.json", "figures/tokens_hist_T16.pdf",
-              "figures/tokens_hist_T16.png", "cases/cases_T16.md", "eval/esm_T16/meta.json"):  # fmt: skip
+    for f in (
+        "tables/diagnostics_T16.csv",
+        "tables/diagnostics_T16.json",
+        "figures/tokens_hist_T16.pdf",
+        "figures/tokens_hist_T16.png",
+        "cases/cases_T16.md",
+        "eval/esm_T16/meta.json",
+    ):
         assert (run.dir / f).is_file(), f
     cases = (run.dir / "cases" / "cases_T16.md").read_text()
-    assert "### q002" in cases and "### q015" in cases and "### q010" not in cases  # improved 2 4 8 (10), regressed 3 9 15
+    assert (
+        "### q002" in cases and "### q015" in cases and "### q010" not in cases
+    )  # improved 2 4 8 (10), regressed 3 9 15
     assert "⟦m=0 → t0003 ×0.42⟧Thinking.\n\n⟦m=1 → null⟧The answer is" in cases
     diag = pd.read_csv(run.dir / "tables" / "diagnostics_T16.csv")
     assert list(diag["method"]) == ["greedy", "esm", "no_memory", "no_probing"]
@@ -411,10 +445,22 @@ def _eval_on_lively(tmp_path, name, engine, prompts, overrides, monkeypatch):
     monkeypatch.setattr(common, "prompt_ids", lambda eng, cfg, e: [prompts[exs.index(x)] for x in e])
     library, memory = _tiny_library(engine, prompts)
     orig = ev.make_policy
-    monkeypatch.setattr(ev, "make_policy", lambda eng, art, cfg, v, cache: orig(
-        eng, art, cfg, v, cache.setdefault("library", library) and cache.setdefault("memory", memory) and cache))
-    cfg = compose_cfg(["decode.max_new_tokens=12", "control_points.segment_delimiter=er", "online.min_sim=-1",
-                       "online.probe_tokens=3", *overrides])  # fmt: skip
+    monkeypatch.setattr(
+        ev,
+        "make_policy",
+        lambda eng, art, cfg, v, cache: orig(
+            eng, art, cfg, v, cache.setdefault("library", library) and cache.setdefault("memory", memory) and cache
+        ),
+    )
+    cfg = compose_cfg(
+        [
+            "decode.max_new_tokens=12",
+            "control_points.segment_delimiter=er",
+            "online.min_sim=-1",
+            "online.probe_tokens=3",
+            *overrides,
+        ]
+    )
     run = Run(make_artifacts(tmp_path / name), cfg)
     return ev.run(cfg, run, engine=engine), run
 
@@ -455,10 +501,24 @@ def _suite_job(sweep: Path, num: int, overrides: list[str], rows: list[tuple[str
     cfg = f"eval:\n  split: {split}\nonline:\n  variant: esm\nstage:\n  name: eval\n"
     (d / ".hydra" / "config.yaml").write_text(cfg)
     (d / "tables").mkdir()
-    pd.DataFrame([{"dataset": "arith", "model": "m", "method": m, "T_max": 16, "n": 100, "accuracy": acc,
-                   "ci_low": acc - 0.1, "ci_high": acc + 0.1, "delta_vs_greedy": dl, "delta_ci_low": dl - 0.05,
-                   "delta_ci_high": dl + 0.05} for m, acc, dl in rows]
-                 ).to_csv(d / "tables" / "main_results_single.csv")  # fmt: skip
+    pd.DataFrame(
+        [
+            {
+                "dataset": "arith",
+                "model": "m",
+                "method": m,
+                "T_max": 16,
+                "n": 100,
+                "accuracy": acc,
+                "ci_low": acc - 0.1,
+                "ci_high": acc + 0.1,
+                "delta_vs_greedy": dl,
+                "delta_ci_low": dl - 0.05,
+                "delta_ci_high": dl + 0.05,
+            }
+            for m, acc, dl in rows
+        ]
+    ).to_csv(d / "tables" / "main_results_single.csv")
     return d
 
 
@@ -486,12 +546,28 @@ def test_suite_ranking_orders_configurations_by_esm_accuracy(tmp_path):
 
 
 def test_best_of_overrides_keep_the_job_and_force_test():
-    job = ["experiment=debug", "online.k_scale=2.0", "eval.split=val", "outputs.suite_id='tune'",
-           "hydra/launcher=gpu_pool", "launch.gpus='0,1'", "+online.extra=1"]  # fmt: skip
-    cur = ["eval.best_of=outputs/_suite/tune", "eval.methods=[greedy,esm,static]", "online.k_scale=3",
-           "outputs.run_id=x"]  # fmt: skip
-    assert ev.best_of_overrides(job, cur) == ["experiment=debug", "+online.extra=1", "eval.methods=[greedy,esm,static]",
-                                              "online.k_scale=3", "eval.split=test"]  # fmt: skip
+    job = [
+        "experiment=debug",
+        "online.k_scale=2.0",
+        "eval.split=val",
+        "outputs.suite_id='tune'",
+        "hydra/launcher=gpu_pool",
+        "launch.gpus='0,1'",
+        "+online.extra=1",
+    ]
+    cur = [
+        "eval.best_of=outputs/_suite/tune",
+        "eval.methods=[greedy,esm,static]",
+        "online.k_scale=3",
+        "outputs.run_id=x",
+    ]
+    assert ev.best_of_overrides(job, cur) == [
+        "experiment=debug",
+        "+online.extra=1",
+        "eval.methods=[greedy,esm,static]",
+        "online.k_scale=3",
+        "eval.split=test",
+    ]
     assert ev.best_of_overrides(job, [])[1:] == ["online.k_scale=2.0", "+online.extra=1", "eval.split=test"]
 
 

@@ -371,7 +371,15 @@ def test_last_boxed(text, expected):
 
 @pytest.mark.parametrize(
     "s,value",
-    [("1,000", 1000), ("$5", 5), ("3.0", 3), ("-\\frac{1}{2}", -0.5), ("\\dfrac12", 0.5), ("50%", 50), ("12 apples.", 12)],
+    [
+        ("1,000", 1000),
+        ("$5", 5),
+        ("3.0", 3),
+        ("-\\frac{1}{2}", -0.5),
+        ("\\dfrac12", 0.5),
+        ("50%", 50),
+        ("12 apples.", 12),
+    ],
 )
 def test_parse_number(s, value):
     assert float(parse_number(s)[0]) == value

@@ -43,9 +43,7 @@ def test_gpu_pool_two_workers_five_jobs(tmp_path):
 
     lock_dir, rec_dir = tmp_path / ".gpu_locks", tmp_path / "records"
     rec_dir.mkdir()
-    recs = Parallel(n_jobs=2, backend="loky")(
-        delayed(_pool_job)(i, str(lock_dir), str(rec_dir)) for i in range(5)
-    )
+    recs = Parallel(n_jobs=2, backend="loky")(delayed(_pool_job)(i, str(lock_dir), str(rec_dir)) for i in range(5))
     assert len(recs) == 5 and len(list(rec_dir.glob("job*.json"))) == 5
     for r in recs:  # every job recorded its GPU and saw it as its only visible device
         assert r["gpu"] in ("0", "1") and r["cuda_visible"] == r["gpu"]
@@ -124,8 +122,9 @@ def test_parse_gpus_and_n_jobs():
 
 
 def _compose(overrides: list[str]):
-    import esm_steer.cli  # noqa: F401 - schema and resolvers
     from hydra import compose, initialize_config_module
+
+    import esm_steer.cli  # noqa: F401 - schema and resolvers
 
     with initialize_config_module("esm_steer.conf", version_base="1.3"):
         return compose("eval", overrides=overrides, return_hydra_config=True)
@@ -164,8 +163,12 @@ def test_slurm_launcher_composes_without_a_cluster(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(
         [str(exe), "--cfg", "hydra", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SlurmLauncher" in out.stdout and "partition: gpu" in out.stdout
     assert "gpus_per_node: ${launch.slurm.gpus_per_node}" in out.stdout
@@ -180,9 +183,17 @@ def multirun_job(tmp_path, monkeypatch, no_claim):
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    for var in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "VLLM_WORKER_MULTIPROC_METHOD", "SUBMITIT_EXECUTOR", "SLURM_JOB_ID", "OMP_WAIT_POLICY",
-                "CUDA_DEVICE_ORDER"):  # fmt: skip
+    for var in (
+        "CUDA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "VLLM_WORKER_MULTIPROC_METHOD",
+        "SUBMITIT_EXECUTOR",
+        "SLURM_JOB_ID",
+        "OMP_WAIT_POLICY",
+        "CUDA_DEVICE_ORDER",
+    ):
         monkeypatch.setenv(var, "")  # records the original value: restored after the test
         monkeypatch.delenv(var)
 

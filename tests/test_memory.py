@@ -18,7 +18,9 @@ def make_library(n_tools=5, d=12, seed=0, model_id="fake-model", layer=3) -> Lib
     tools = []
     for i in range(n_tools):
         states = torch.randn(2 + i % 3, d, generator=g) * 5
-        tools.append(Tool(f"t{i:04d}", f"q{i}", i % 2, 1.0 - 0.1 * i, torch.randn(d, generator=g), states.mean(0), states, {}))
+        tools.append(
+            Tool(f"t{i:04d}", f"q{i}", i % 2, 1.0 - 0.1 * i, torch.randn(d, generator=g), states.mean(0), states, {})
+        )
     return Library(tools, {"model_id": model_id, "steer_layer": layer, "hidden_size": d, "created": "now"})
 
 
@@ -31,7 +33,9 @@ def test_one_entry_per_tool_state_with_unit_keys():
     e = mem.entries[3]
     assert set(e) >= {"entry_id", "tool_id", "question_id", "m", "Q"}
     tool = lib.by_id(e["tool_id"])
-    np.testing.assert_allclose(mem.keys[3], (tool.states[e["state"]] / tool.states[e["state"]].norm()).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        mem.keys[3], (tool.states[e["state"]] / tool.states[e["state"]].norm()).numpy(), atol=1e-6
+    )
     raw = build_memory(lib, normalize_keys=False)
     np.testing.assert_allclose(raw.keys[0], lib.tools[0].states[0].numpy())
 

@@ -107,7 +107,9 @@ def make_cfg(**over):
 
 
 def make_examples(n: int, solution: str | None = "2 plus 3.\n\nThe answer is 5."):
-    return [SimpleNamespace(id=f"q{i:02d}", question=f"What is 2 + 3? ({i})", gold="5", solution=solution) for i in range(n)]
+    return [
+        SimpleNamespace(id=f"q{i:02d}", question=f"What is 2 + 3? ({i})", gold="5", solution=solution) for i in range(n)
+    ]
 
 
 def run_mine(tmp_path, tokenizer, engine=None, examples=None, **over):
@@ -170,7 +172,14 @@ def _r(sid, correct, reward_):
 
 
 def test_sets_pick_highest_R_positives_and_lowest_R_negatives():
-    rs = [_r(0, True, 0.9), _r(1, True, 0.95), _r(2, True, 0.8), _r(3, False, -0.1), _r(4, False, -0.05), _r(5, False, -0.2)]
+    rs = [
+        _r(0, True, 0.9),
+        _r(1, True, 0.95),
+        _r(2, True, 0.8),
+        _r(3, False, -0.1),
+        _r(4, False, -0.05),
+        _r(5, False, -0.2),
+    ]
     P, N, why = choose_sets(rs, K_pos=2, K_neg=2)
     assert why is None
     assert [r["sample_id"] for r in P] == [1, 0]
@@ -223,7 +232,17 @@ def test_mine_writes_every_artifact(tmp_path, tokenizer):
     rollouts = read_jsonl(d / "rollouts.jsonl")
     assert len(rollouts) == 8 * 6
     r = rollouts[0]
-    assert set(r) >= {"question_id", "sample_id", "text", "tokens", "token_ids", "finish_reason", "correct", "reward", "pred"}
+    assert set(r) >= {
+        "question_id",
+        "sample_id",
+        "text",
+        "tokens",
+        "token_ids",
+        "finish_reason",
+        "correct",
+        "reward",
+        "pred",
+    }
     assert r["tokens"] == len(r["token_ids"])
     assert r["reward"] == pytest.approx(float(r["correct"]) - 0.1 * r["tokens"] / 32)
     cands = read_jsonl(d / "candidates.jsonl")
@@ -320,8 +339,14 @@ def test_mine_with_tiny_hf_model(tmp_path, tokenizer, tiny_model):
     examples = make_examples(3)
     calls = iter(range(10_000))
     flip = lambda text, gold: next(calls) % 2 == 0  # noqa: E731 - half right, half wrong
-    cfg = make_cfg(**{"offline_mine.K": 4, "offline_mine.max_new_tokens": 12, "control_points.M": 2,
-                      "control_points.segment_delimiter": " "})  # fmt: skip
+    cfg = make_cfg(
+        **{
+            "offline_mine.K": 4,
+            "offline_mine.max_new_tokens": 12,
+            "control_points.M": 2,
+            "control_points.segment_delimiter": " ",
+        }
+    )
     prompts = [tokenizer.encode(ex.question, add_special_tokens=False) for ex in examples]
     summary = mine(cfg, tmp_path, engine, examples, prompts, flip, pred)
     assert summary["rollouts"] == 12
@@ -347,7 +372,9 @@ def test_rerun_with_smaller_K_uses_the_first_K_rollouts(tmp_path, tokenizer):
     summary, engine = run_mine(tmp_path / "a", tokenizer, examples=make_examples(3), **{"offline_mine.K": 4})
     assert engine.generate_calls == 0 and summary["rollouts"] == 3 * 4
     fresh, _ = run_mine(tmp_path / "b", tokenizer, examples=make_examples(3), **{"offline_mine.K": 4})
-    assert read_jsonl(tmp_path / "a" / "mine" / "candidates.jsonl") == read_jsonl(tmp_path / "b" / "mine" / "candidates.jsonl")
+    assert read_jsonl(tmp_path / "a" / "mine" / "candidates.jsonl") == read_jsonl(
+        tmp_path / "b" / "mine" / "candidates.jsonl"
+    )
 
 
 class TruncatingEngine(FakeEngine):
@@ -355,15 +382,22 @@ class TruncatingEngine(FakeEngine):
 
     def generate(self, prompts, spec, prompt_seeds=None):
         out = super().generate(prompts, spec, prompt_seeds)
-        return [[s if len(s.token_ids) < spec.max_new_tokens else Sample(s.token_ids, s.text, s.logprobs, "length",
-                                                                             s.num_prompt_tokens) for s in row]
-                for row in out]  # fmt: skip
+        return [
+            [
+                s
+                if len(s.token_ids) < spec.max_new_tokens
+                else Sample(s.token_ids, s.text, s.logprobs, "length", s.num_prompt_tokens)
+                for s in row
+            ]
+            for row in out
+        ]
 
 
 def test_high_truncation_warns_naming_the_budget_key(tmp_path, tokenizer, caplog):
     with caplog.at_level("WARNING", logger="esm_steer.esm.mine"):
-        summary, _ = run_mine(tmp_path / "cut", tokenizer, engine=TruncatingEngine(tokenizer),
-                              **{"offline_mine.max_new_tokens": 4})
+        summary, _ = run_mine(
+            tmp_path / "cut", tokenizer, engine=TruncatingEngine(tokenizer), **{"offline_mine.max_new_tokens": 4}
+        )
     assert summary["finish_reasons"] == {"length": summary["rollouts"]}
     warns = [r.getMessage() for r in caplog.records if "offline_mine.max_new_tokens" in r.getMessage()]
     assert len(warns) == 1 and "100% of 48 rollouts" in warns[0] and "=4 " in warns[0]

@@ -51,7 +51,9 @@ def artifacts(engine, prompts):
     tools, keys, entries = [], [], []
     for i, q in enumerate([0.5, 0.3, 0.8]):
         v = torch.randn(d, generator=g)
-        states = torch.stack([last[(i + j) % 3] + 0.3 * scale / math.sqrt(d) * torch.randn(d, generator=g) for j in range(2)])
+        states = torch.stack(
+            [last[(i + j) % 3] + 0.3 * scale / math.sqrt(d) * torch.randn(d, generator=g) for j in range(2)]
+        )
         tools.append(Tool(f"t{i}", f"q{i}", 0, q, 0.3 * scale * v / v.norm(), states.mean(0), states))
         for s in states:
             entries.append({"entry_id": len(entries), "tool_id": f"t{i}", "question_id": f"q{i}", "m": 0, "Q": q})
@@ -62,8 +64,18 @@ def artifacts(engine, prompts):
 
 
 def cfg(**kw) -> OnlineConfig:
-    base = dict(variant="esm", k_retrieve=4, L=2, probe_tokens=4, beta=1.0, rho=1.0, k_scale=1.0,
-                tau_null=0.0, min_sim=-1.0, min_entries=1)  # fmt: skip
+    base = dict(
+        variant="esm",
+        k_retrieve=4,
+        L=2,
+        probe_tokens=4,
+        beta=1.0,
+        rho=1.0,
+        k_scale=1.0,
+        tau_null=0.0,
+        min_sim=-1.0,
+        min_entries=1,
+    )
     base.update(kw)
     return OnlineConfig(**base)
 
@@ -288,7 +300,9 @@ def test_batched_equals_alone(engine, artifacts, prompts):
             (s["m"], s["offset"], s["chosen"], s["gate"]) for s in b.steps
         ]
         for sa, sb in zip(a.steps, b.steps):
-            assert [c["score"] for c in sa["candidates"]] == pytest.approx([c["score"] for c in sb["candidates"]], abs=1e-4)
+            assert [c["score"] for c in sa["candidates"]] == pytest.approx(
+                [c["score"] for c in sb["candidates"]], abs=1e-4
+            )
 
 
 def test_more_prompts_than_batch(engine, artifacts, prompts):

@@ -26,9 +26,15 @@ DAPO_TEXT = (
 
 def test_registry_names_and_task_defaults():
     expected = {
-        "gsm8k_0shot", "gsm8k_0shot_compact", "arc_0shot", "math_0shot",
-        "strategyqa_0shot", "dapo", "arith_0shot", "arith_3shot",
-    }  # fmt: skip
+        "gsm8k_0shot",
+        "gsm8k_0shot_compact",
+        "arc_0shot",
+        "math_0shot",
+        "strategyqa_0shot",
+        "dapo",
+        "arith_0shot",
+        "arith_3shot",
+    }
     assert expected <= set(PROMPTS)
     assert all(spec.prompt in PROMPTS for spec in TASKS.values())
 
@@ -55,9 +61,12 @@ def test_math_prompts_ask_for_boxed():
 
 def test_arc_choices_and_no_leak():
     ex = Example(
-        "a2", "Which is a gas?", "B", choices=["A. rock", "B. steam", "C. ice"],
+        "a2",
+        "Which is a gas?",
+        "B",
+        choices=["A. rock", "B. steam", "C. ice"],
         meta={"labels": ["A", "B", "C"], "response": "LEAKED teacher answer"},
-    )  # fmt: skip
+    )
     content = build_messages("arc_0shot", ex)[-1]["content"]
     assert "Which is a gas?\nA. rock\nB. steam\nC. ice" in content
     assert "LEAKED" not in content and "letter" in content
@@ -71,7 +80,9 @@ def test_strategyqa_prompt_asks_yes_no():
 
 
 def test_arith_shots_are_worked_turns():
-    msgs = build_messages("arith_3shot", Example("x", "Tom has 2 cats. He finds 1 more. How many cats does Tom have now?", "3"))
+    msgs = build_messages(
+        "arith_3shot", Example("x", "Tom has 2 cats. He finds 1 more. How many cats does Tom have now?", "3")
+    )
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 3 + ["user"]
     for m in msgs[1:6:2]:
         assert m["content"].splitlines()[-1].startswith("The answer is ")

@@ -11,9 +11,20 @@ from esm_steer.evaluate import report
 
 
 def rec(i, correct, tokens=10, probe=0, finish="stop", steps=None, response="r"):
-    return {"id": f"e{i}", "question": f"q{i}", "gold": "1", "response": response, "pred": "1" if correct else "0",
-            "correct": correct, "finish_reason": finish, "tokens_used": tokens, "probe_tokens_used": probe,
-            "budget_used": tokens + probe, "steps": steps or [], "wall_s": 0.5}  # fmt: skip
+    return {
+        "id": f"e{i}",
+        "question": f"q{i}",
+        "gold": "1",
+        "response": response,
+        "pred": "1" if correct else "0",
+        "correct": correct,
+        "finish_reason": finish,
+        "tokens_used": tokens,
+        "probe_tokens_used": probe,
+        "budget_used": tokens + probe,
+        "steps": steps or [],
+        "wall_s": 0.5,
+    }
 
 
 def test_wilson_interval_known_values():
@@ -56,10 +67,19 @@ def test_paired_correct_aligns_by_id():
 
 
 def test_diagnostics_on_hand_made_records():
-    s = lambda m, chosen, gate, sims: {"m": m, "offset": m, "retrieved": [[t, x] for t, x in sims], "gate": gate,  # noqa: E731
-                                       "candidates": [], "chosen": chosen, "scale": 0.3 if chosen is not None else None}
+    s = lambda m, chosen, gate, sims: {
+        "m": m,
+        "offset": m,
+        "retrieved": [[t, x] for t, x in sims],
+        "gate": gate,  # noqa: E731
+        "candidates": [],
+        "chosen": chosen,
+        "scale": 0.3 if chosen is not None else None,
+    }
     records = [
-        rec(0, True, tokens=10, probe=4, steps=[s(0, 3, "ok", [(3, 0.9), (4, 0.5)]), s(1, None, "tau_null", [(4, 0.7)])]),
+        rec(
+            0, True, tokens=10, probe=4, steps=[s(0, 3, "ok", [(3, 0.9), (4, 0.5)]), s(1, None, "tau_null", [(4, 0.7)])]
+        ),
         rec(1, False, tokens=20, probe=4, finish="length", steps=[s(0, None, "min_sim", [])]),
         rec(2, True, tokens=30, probe=0, steps=[s(0, 3, "ok", [(3, 0.8)]), s(1, 5, "ok", [(5, 0.6)])]),
         rec(3, False, tokens=40, probe=0, finish="length", response=""),
@@ -71,7 +91,9 @@ def test_diagnostics_on_hand_made_records():
     assert d["gate_hits"] == {"min_sim": 1, "ok": 3, "tau_null": 1}
     assert d["tokens"] == {"mean": 25.0, "median": 25.0, "p90": pytest.approx(37.0), "max": 40.0}
     assert d["probe_tokens"]["mean"] == 2.0 and d["probe_overhead"] == pytest.approx(8 / 100)
-    assert d["retrieval_sim"]["max"] == 0.9 and d["retrieval_sim"]["mean"] == pytest.approx((0.9 + 0.5 + 0.7 + 0.8 + 0.6) / 5)
+    assert d["retrieval_sim"]["max"] == 0.9 and d["retrieval_sim"]["mean"] == pytest.approx(
+        (0.9 + 0.5 + 0.7 + 0.8 + 0.6) / 5
+    )
     assert d["retrieval_top1_sim"]["mean"] == pytest.approx((0.9 + 0.7 + 0.8 + 0.6) / 4)
     assert d["chosen_tools"] == {"3": 2, "5": 1}
     assert d["empty_responses"] == 1
@@ -125,9 +147,11 @@ def test_retrieved_summary_groups_entries_by_tool():
 
 
 def test_accuracy_vs_budget_has_one_point_per_method(tmp_path):
-    by = {"greedy": [rec(i, i % 2 == 0, tokens=10) for i in range(10)],
-          "esm": [rec(i, i % 3 == 0, tokens=8, probe=6) for i in range(10)],
-          "static": [rec(i, True, tokens=12) for i in range(10)]}  # fmt: skip
+    by = {
+        "greedy": [rec(i, i % 2 == 0, tokens=10) for i in range(10)],
+        "esm": [rec(i, i % 3 == 0, tokens=8, probe=6) for i in range(10)],
+        "static": [rec(i, True, tokens=12) for i in range(10)],
+    }
     pts = report.budget_points(by)
     assert [p["method"] for p in pts] == ["greedy", "esm", "static"]
     assert [p["mean_budget"] for p in pts] == [10, 14, 12] and pts[1]["accuracy"] == pytest.approx(0.4)
@@ -149,8 +173,10 @@ def test_steering_diagnostics_against_greedy():
         return {"chosen": chosen, "h_norm": h, "inject_norm": inj if chosen else 0.0, "candidates": cands, "gate": "ok"}
 
     greedy = [dict(rec(i, i < 5), token_ids=[1, 2, i]) for i in range(10)]
-    meth = [dict(rec(i, i in (0, 7, 8), steps=[step("t0", inj=i + 1.0), step(None)]),
-                 token_ids=[1, 2, i if i < 6 else 0]) for i in range(10)]  # fmt: skip
+    meth = [
+        dict(rec(i, i in (0, 7, 8), steps=[step("t0", inj=i + 1.0), step(None)]), token_ids=[1, 2, i if i < 6 else 0])
+        for i in range(10)
+    ]
     d = report.diagnose(meth, greedy)
     assert d["differ_from_greedy"] == pytest.approx(4 / 10)  # ids 6..9 (id 0 keeps token 0)
     assert d["flips_greedy_right_to_wrong"] == 4 and d["flips_greedy_wrong_to_right"] == 2  # 1-4 lost; 7, 8 won

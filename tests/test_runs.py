@@ -37,7 +37,10 @@ def test_latest_without_pointer_is_one_line_and_leaves_no_dir(tmp_path):
     exe = Path(sys.executable).parent / "esm-mine"
     r = subprocess.run(
         [str(exe), f"outputs.root_dir={tmp_path}", "outputs.run_name=exp", "outputs.run_id=latest"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -95,15 +98,33 @@ def test_run_ids_stay_strings():
 def test_explicit_run_id_with_underscore_is_used_verbatim(tmp_path):
     exe = Path(sys.executable).parent / "esm-eval"
     r = subprocess.run(
-        [str(exe), f"outputs.root_dir={tmp_path}", "outputs.run_name=exp", "outputs.run_id=20261122_001700",
-         "nosuch.stage=1"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            str(exe),
+            f"outputs.root_dir={tmp_path}",
+            "outputs.run_name=exp",
+            "outputs.run_id=20261122_001700",
+            "nosuch.stage=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert r.returncode == 2  # stopped by the precheck; now compose for real:
     r = subprocess.run(
-        [str(exe), "--cfg", "all", "--resolve", f"outputs.root_dir={tmp_path}", "outputs.run_name=exp",
-         "outputs.run_id=20261122_001700"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            str(exe),
+            "--cfg",
+            "all",
+            "--resolve",
+            f"outputs.root_dir={tmp_path}",
+            "outputs.run_name=exp",
+            "outputs.run_id=20261122_001700",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr
     assert f"{tmp_path}/exp/20261122_001700" in r.stdout

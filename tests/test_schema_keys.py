@@ -27,8 +27,16 @@ READ_BY_INTERPOLATION = {
     "outputs.run_name": "conf/config.yaml hydra.run.dir (and the esm_run_id resolver's argument)",
     **{
         f"launch.slurm.{k}": "conf/hydra/launcher/slurm.yaml passes it to the submitit launcher"
-        for k in ("partition", "account", "qos", "timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node",
-                  "array_parallelism")  # fmt: skip
+        for k in (
+            "partition",
+            "account",
+            "qos",
+            "timeout_min",
+            "mem_gb",
+            "cpus_per_task",
+            "gpus_per_node",
+            "array_parallelism",
+        )
     },
 }
 

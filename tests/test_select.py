@@ -111,7 +111,12 @@ def test_dependent_vectors_fall_back_to_quality():
 
 def make_run(tmp_path, C=10, d=8, **over):
     cfg = OmegaConf.structured(ESMConfig)
-    for k, v in {"control_points.M": 2, "offline_select.B": 4, "offline_select.min_per_control_point": 1, **over}.items():
+    for k, v in {
+        "control_points.M": 2,
+        "offline_select.B": 4,
+        "offline_select.min_per_control_point": 1,
+        **over,
+    }.items():
         OmegaConf.update(cfg, k, v, merge=False)
     run_dir = tmp_path / "debug" / "r1"
     mine_dir = run_dir / "mine"
@@ -119,7 +124,11 @@ def make_run(tmp_path, C=10, d=8, **over):
     cands = []
     for i in range(C):
         states = torch.randn(3, d, generator=g)
-        cands.append(Candidate(f"q{i}", i % 2, 1.0 - 0.05 * i, torch.randn(d, generator=g), states.mean(0), states, 2, 1, f"c{i:05d}"))
+        cands.append(
+            Candidate(
+                f"q{i}", i % 2, 1.0 - 0.05 * i, torch.randn(d, generator=g), states.mean(0), states, 2, 1, f"c{i:05d}"
+            )
+        )
     write_candidates(mine_dir, cands)
     atomic_write_json(mine_dir / "summary.json", {"model_id": "fake", "steer_layer": 1, "hidden_size": d})
     return cfg, Run(run_dir, cfg), cands

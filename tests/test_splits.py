@@ -44,8 +44,12 @@ def row(task: str, i: int, q: str) -> dict:
         body, _, tail = q.rpartition(" ")
         return {"ID": f"chal-{i}", "Body": body, "Question": tail, "Equation": "( 1.0 )", "Answer": float(i)}
     if task == "arc-c":
-        return {"id": f"ARC_{i}", "question": q, "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")},
-                "answerKey": "ABCD"[i % 4]}  # fmt: skip
+        return {
+            "id": f"ARC_{i}",
+            "question": q,
+            "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")},
+            "answerKey": "ABCD"[i % 4],
+        }
     if task in ("math500", "math"):
         return {"problem": q, "solution": f"So $\\boxed{{{i}}}$.", "answer": str(i), "unique_id": f"test/x/{i}.json"}
     if task == "aime_2024":
@@ -53,8 +57,11 @@ def row(task: str, i: int, q: str) -> dict:
     if task == "strategyqa":
         return {"qid": f"qid{i}", "question": q, "answer": i % 2 == 0, "facts": ["A fact."]}
     if task == "dapo_math":
-        return {"prompt": [{"role": "user", "content": DAPO_PREFIX + q + DAPO_SUFFIX}],
-                "reward_model": {"ground_truth": str(i)}, "extra_info": {"index": f"d{i}"}}  # fmt: skip
+        return {
+            "prompt": [{"role": "user", "content": DAPO_PREFIX + q + DAPO_SUFFIX}],
+            "reward_model": {"ground_truth": str(i)},
+            "extra_info": {"index": f"d{i}"},
+        }
     raise AssertionError(task)
 
 
@@ -158,10 +165,18 @@ def test_carve_is_stable_when_rows_are_added_and_independent_of_subsampling(tmp_
 def test_split_record_goes_to_the_mine_summary_and_questions_json(tmp_path, tiny_engine, monkeypatch):
     write_rows(tmp_path / "data", "strategyqa", "train", question_texts("strategyqa", "train", 60))
     cfg = compose_cfg(
-        ["task=strategyqa", f"task.data_root={tmp_path / 'data'}", "task.max_train_examples=4", "offline_mine.K=2",
-         "offline_mine.K_pos=1", "offline_mine.K_neg=1", "offline_mine.max_new_tokens=3", "model.batch_size=8"],
+        [
+            "task=strategyqa",
+            f"task.data_root={tmp_path / 'data'}",
+            "task.max_train_examples=4",
+            "offline_mine.K=2",
+            "offline_mine.K_pos=1",
+            "offline_mine.K_neg=1",
+            "offline_mine.max_new_tokens=3",
+            "model.batch_size=8",
+        ],
         entry="mine",
-    )  # fmt: skip
+    )
     monkeypatch.setattr(common, "build_engine", lambda cfg: tiny_engine)
     mine_stage.run(cfg, Run(tmp_path / "run", cfg))
     train = common.load_examples(cfg, cfg.task.train_split)
@@ -175,8 +190,12 @@ def test_split_record_goes_to_the_mine_summary_and_questions_json(tmp_path, tiny
     for d in ("library", "memory"):  # stand-ins: the refusal comes before they are read
         (tmp_path / "run" / d).mkdir()
         (tmp_path / "run" / d / "x.jsonl").write_text("{}\n")
-    eval_over = ["task=strategyqa", f"task.data_root={tmp_path / 'data'}", "eval.methods=[esm]",
-                 f"eval.artifact_run_dir={tmp_path / 'run'}"]  # fmt: skip
+    eval_over = [
+        "task=strategyqa",
+        f"task.data_root={tmp_path / 'data'}",
+        "eval.methods=[esm]",
+        f"eval.artifact_run_dir={tmp_path / 'run'}",
+    ]
     check_no_overlap(tmp_path / "run", common.load_examples(compose_cfg(eval_over), "test"))
     cfg2 = compose_cfg(eval_over + ["task.split_seed=7"])
     test2 = common.load_examples(cfg2, cfg2.task.eval_split)
@@ -246,14 +265,19 @@ def test_arith_test_split_is_what_it_was_before_val_existed():
     # results are on these questions and ids
     ex = generate("test", seed=0, difficulty=1, num=1000)
     assert (ex[0].id, ex[0].question, ex[0].gold) == (
-        "arith-d1-test-0", "Omar has 4 books. He buys 5 more books. How many books does Omar have now?", "9")
+        "arith-d1-test-0",
+        "Omar has 4 books. He buys 5 more books. How many books does Omar have now?",
+        "9",
+    )
     assert (ex[1].id, ex[1].question, ex[1].gold) == (
         "arith-d1-test-1",
         "Zoe had 6 stamps in a box. A friend takes 1 of the stamps. How many stamps does Zoe have now?",
         "5",
     )
     assert (ex[999].id, ex[999].question) == (
-        "arith-d1-test-999", "Ava has 7 shells. She buys 7 more shells. How many shells does Ava have now?")
+        "arith-d1-test-999",
+        "Ava has 7 shells. She buys 7 more shells. How many shells does Ava have now?",
+    )
     digest = lambda exs: hashlib.sha256(json.dumps([e.to_dict() for e in exs]).encode()).hexdigest()  # noqa: E731
     assert digest(ex) == "8528ab3852160279f400c6d3fc84b2052c2f4b66f1a1e6b54ec36aed5588721d"
     d3 = generate("test", seed=4242, difficulty=3)

@@ -14,14 +14,39 @@ import pytest
 
 from esm_steer.evaluate import suite
 
-COLS = ["dataset", "model", "method", "T_max", "n", "accuracy", "ci_low", "ci_high", "mean_tokens",
-        "truncation_rate", "probe_overhead", "wall_s", "delta_vs_greedy"]  # fmt: skip
+COLS = [
+    "dataset",
+    "model",
+    "method",
+    "T_max",
+    "n",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "mean_tokens",
+    "truncation_rate",
+    "probe_overhead",
+    "wall_s",
+    "delta_vs_greedy",
+]
 
 
 def _row(method, acc, dataset="arith", **extra):
-    r = dict(dataset=dataset, model="smollm2", method=method, T_max=64, n=6, accuracy=acc, ci_low=max(0, acc - 0.2),
-             ci_high=min(1, acc + 0.2), mean_tokens=40.0, truncation_rate=0.0, probe_overhead=0.1, wall_s=3.0,
-             delta_vs_greedy=float("nan"))  # fmt: skip
+    r = dict(
+        dataset=dataset,
+        model="smollm2",
+        method=method,
+        T_max=64,
+        n=6,
+        accuracy=acc,
+        ci_low=max(0, acc - 0.2),
+        ci_high=min(1, acc + 0.2),
+        mean_tokens=40.0,
+        truncation_rate=0.0,
+        probe_overhead=0.1,
+        wall_s=3.0,
+        delta_vs_greedy=float("nan"),
+    )
     r.update(extra)
     return r
 
@@ -47,10 +72,22 @@ def _job(sweep: Path, num: int, overrides: list[str], main=None, abl=None, error
 def test_aggregate_hand_made_job_dirs(tmp_path):
     sweep = tmp_path / "_suite" / "s1"
     ov = lambda d: ["experiment=suite_tiny", f"task.difficulty={d}", "outputs.suite_id='s1'"]  # noqa: E731
-    _job(sweep, 0, ov(1), main=[_row("greedy", 0.5, extra_col="x"), _row("esm", 0.6667)],
-         abl=[_row("esm", 0.6667), _row("no_memory", 0.3333)], gpu="0")  # fmt: skip
-    _job(sweep, 1, ov(2), main=[_row("greedy", 0.1667), _row("esm", 0.3333)],
-         abl=[_row("esm", 0.3333), _row("no_memory", 0.1667)], gpu="1")  # fmt: skip
+    _job(
+        sweep,
+        0,
+        ov(1),
+        main=[_row("greedy", 0.5, extra_col="x"), _row("esm", 0.6667)],
+        abl=[_row("esm", 0.6667), _row("no_memory", 0.3333)],
+        gpu="0",
+    )
+    _job(
+        sweep,
+        1,
+        ov(2),
+        main=[_row("greedy", 0.1667), _row("esm", 0.3333)],
+        abl=[_row("esm", 0.3333), _row("no_memory", 0.1667)],
+        gpu="1",
+    )
     _job(sweep, 2, ov(3), error="esm-eval: task.difficulty=4 is out of range: 1, 2 or 3", gpu="0")
     (sweep / ".gpu_locks").mkdir()  # not a job dir
     (sweep / "multirun.yaml").write_text("{}\n")
@@ -64,8 +101,16 @@ def test_aggregate_hand_made_job_dirs(tmp_path):
 
     # one row per job x method, plus one row for the failed job
     assert len(main) == 5
-    assert list(main.columns[:8]) == ["job_num", "status", "error", "gpu", "experiment", "task.difficulty",
-                                      "outputs.suite_id", "overrides"]  # fmt: skip
+    assert list(main.columns[:8]) == [
+        "job_num",
+        "status",
+        "error",
+        "gpu",
+        "experiment",
+        "task.difficulty",
+        "outputs.suite_id",
+        "overrides",
+    ]
     assert main["outputs.suite_id"].unique().tolist() == ["s1"]  # Hydra's quotes dropped
     assert set(COLS) <= set(main.columns) and "extra_col" in main.columns  # extra columns kept
     assert main["job_num"].tolist() == [0, 0, 1, 1, 2]
@@ -90,7 +135,13 @@ def test_job_without_tables_is_failed_and_others_still_aggregate(tmp_path):
     sweep = tmp_path / "s"
     eval_cfg = "stage:\n  name: eval\ntask:\n  dataset: gsm8k\neval:\n  ablations: [no_memory]\n"
     _job(sweep, 0, ["task=gsm8k"], config=eval_cfg, gpu=None)  # killed: no tables, no error.txt
-    _job(sweep, 1, ["task=arith"], main=[_row("greedy", 0.5), _row("esm", 0.5)], config=eval_cfg.replace("gsm8k", "arith"))
+    _job(
+        sweep,
+        1,
+        ["task=arith"],
+        main=[_row("greedy", 0.5), _row("esm", 0.5)],
+        config=eval_cfg.replace("gsm8k", "arith"),
+    )
     bad = _job(sweep, 2, ["task=svamp"], main=[_row("greedy", 0.5)], config=eval_cfg)
     (bad / "tables" / "main_results_single.csv").write_bytes(b"")  # unreadable
     suite.aggregate_suite(sweep)
@@ -156,11 +207,20 @@ def test_callback_exits_1_after_the_tables_when_a_job_failed(tmp_path, capsys):
 def test_a_sweep_with_a_failing_job_exits_nonzero_with_its_row(tmp_path):
     """The real esm-eval: job 1 fails validate(); the sweep still writes the suite table."""
     exe = Path(sys.executable).parent / "esm-eval"
-    cmd = [str(exe), "-m", f"outputs.root_dir={tmp_path / 'out'}", "outputs.suite_id=bad", "eval.methods=[greedy]",
-           "eval.ablations=[]", "task.max_eval_examples=2", "decode.max_new_tokens=2",
-           "eval.bootstrap_samples=200,10"]  # fmt: skip
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        str(exe),
+        "-m",
+        f"outputs.root_dir={tmp_path / 'out'}",
+        "outputs.suite_id=bad",
+        "eval.methods=[greedy]",
+        "eval.ablations=[]",
+        "task.max_eval_examples=2",
+        "decode.max_new_tokens=2",
+        "eval.bootstrap_samples=200,10",
+    ]
+    out = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert out.returncode == 1, out.stderr[-3000:]
     assert "1 of 2 job(s) failed (job 1: esm-eval: eval.bootstrap_samples=10 is out of range" in out.stderr
     main = pd.read_csv(tmp_path / "out" / "_suite" / "bad" / "tables" / "suite_main_results.csv")
@@ -170,7 +230,7 @@ def test_a_sweep_with_a_failing_job_exits_nonzero_with_its_row(tmp_path):
 
 # ------------------------------------------------------------------ a real multirun
 
-STUB_STAGE = '''
+STUB_STAGE = """
 import csv, json, os, time
 from pathlib import Path
 from esm_steer.runs import resolve_run_path
@@ -194,9 +254,9 @@ def run(cfg, run):
     run.path("stub.json").write_text(json.dumps(dict(
         pid=os.getpid(), cuda=os.environ.get("CUDA_VISIBLE_DEVICES"), start=start, end=time.time(),
         artifacts=str(art), copied=any(run.dir.glob("library")))))
-'''
+"""
 
-APP = '''
+APP = """
 import sys
 import hydra
 from esm_steer import cli
@@ -209,7 +269,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def test_multirun_gpu_pool_artifact_reuse_and_callback(tmp_path):
@@ -226,9 +286,17 @@ def test_multirun_gpu_pool_artifact_reuse_and_callback(tmp_path):
         (art / sub).mkdir(parents=True)
     (root / "offline" / "LATEST").write_text(art.name + "\n")
 
-    cmd = [sys.executable, "app.py", "-m", "hydra/launcher=gpu_pool", 'launch.gpus="0,1"',
-           f"outputs.root_dir={root}", "outputs.suite_id=t1", "online.k_scale=0.5,1,2,4",
-           f"eval.artifact_run_dir={root}/offline/latest"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "app.py",
+        "-m",
+        "hydra/launcher=gpu_pool",
+        'launch.gpus="0,1"',
+        f"outputs.root_dir={root}",
+        "outputs.suite_id=t1",
+        "online.k_scale=0.5,1,2,4",
+        f"eval.artifact_run_dir={root}/offline/latest",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 1, out.stderr[-3000:]  # job 2 failed: non-zero, after the tables below

@@ -21,45 +21,176 @@ def write_jsonl(root, task, split, rows):
 
 GSM8K = [
     {
-        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?",
-        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips did Natalia sell altogether in April and May?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
     },
-    {"question": "Janet’s ducks lay 16 eggs per day. How much does she make?", "answer": "She makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"},
+    {
+        "question": "Janet’s ducks lay 16 eggs per day. How much does she make?",
+        "answer": "She makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018",
+    },
     {"question": "No gold here.", "answer": "It is 5."},
     {"question": "", "answer": "#### 3"},
 ]
 SVAMP = [
-    {"ID": "chal-1", "Body": "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack", "Question": "How much do you have to pay to buy each pack?", "Equation": "( 76.0 - 25.0 )", "Answer": 51.0, "Type": "Subtraction"},
-    {"ID": "chal-2", "Body": "Dan had 5 pens.", "Question": "How many halves?", "Equation": "( 5.0 / 2.0 )", "Answer": 2.5, "Type": "Common-Division"},
+    {
+        "ID": "chal-1",
+        "Body": "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack",
+        "Question": "How much do you have to pay to buy each pack?",
+        "Equation": "( 76.0 - 25.0 )",
+        "Answer": 51.0,
+        "Type": "Subtraction",
+    },
+    {
+        "ID": "chal-2",
+        "Body": "Dan had 5 pens.",
+        "Question": "How many halves?",
+        "Equation": "( 5.0 / 2.0 )",
+        "Answer": 2.5,
+        "Type": "Common-Division",
+    },
     {"ID": "chal-3", "Body": "No answer.", "Question": "How many?", "Equation": "", "Type": "Addition"},
 ]
 ARC = [
-    {"id": "Mercury_7175875", "question": "An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most likely effect of this increase in rotation?", "choices": {"text": ["Planetary density will decrease.", "Planetary years will become longer.", "Planetary days will become shorter.", "Planetary gravity will become stronger."], "label": ["A", "B", "C", "D"]}, "answerKey": "C", "answer": "Planetary days will become shorter.", "response": "* LEAKED TEACHER RESPONSE: the answer is B"},
-    {"id": "NYSEDREGENTS_2015_4_8", "question": "Which is a gas?", "choices": {"text": ["rock", "steam", "ice"], "label": ["1", "2", "3"]}, "answerKey": "2", "answer": "steam", "response": "LEAKED"},
+    {
+        "id": "Mercury_7175875",
+        "question": "An astronomer observes that a planet rotates faster after a meteorite impact. "
+        "Which is the most likely effect of this increase in rotation?",
+        "choices": {
+            "text": [
+                "Planetary density will decrease.",
+                "Planetary years will become longer.",
+                "Planetary days will become shorter.",
+                "Planetary gravity will become stronger.",
+            ],
+            "label": ["A", "B", "C", "D"],
+        },
+        "answerKey": "C",
+        "answer": "Planetary days will become shorter.",
+        "response": "* LEAKED TEACHER RESPONSE: the answer is B",
+    },
+    {
+        "id": "NYSEDREGENTS_2015_4_8",
+        "question": "Which is a gas?",
+        "choices": {"text": ["rock", "steam", "ice"], "label": ["1", "2", "3"]},
+        "answerKey": "2",
+        "answer": "steam",
+        "response": "LEAKED",
+    },
     {"id": "bad-1", "question": "No choices", "choices": {"text": [], "label": []}, "answerKey": "A"},
 ]
 MATH500 = [
-    {"problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.", "solution": "We have that $r = 3.$ ... $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$", "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2, "unique_id": "test/precalculus/807.json"},
-    {"problem": "What is 1+1?", "solution": "It is $\\boxed{2}$.", "answer": "2", "subject": "Prealgebra", "level": 1, "unique_id": "test/prealgebra/1.json"},
+    {
+        "problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.",
+        "solution": "We have that $r = 3.$ ... $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$",
+        "answer": "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "subject": "Precalculus",
+        "level": 2,
+        "unique_id": "test/precalculus/807.json",
+    },
+    {
+        "problem": "What is 1+1?",
+        "solution": "It is $\\boxed{2}$.",
+        "answer": "2",
+        "subject": "Prealgebra",
+        "level": 1,
+        "unique_id": "test/prealgebra/1.json",
+    },
 ]
 MATH_TEST = [
-    {"problem": "How many vertical asymptotes does the graph of $y=\\frac{2}{x^2+x-6}$ have?", "level": "Level 3", "type": "Algebra", "solution": "The denominator factors. Therefore, the graph has $\\boxed{2}$ vertical asymptotes.", "idx": 0},
-    {"problem": "Simplify.", "level": "Level 1", "type": "Algebra", "solution": "First $\\boxed{1}$, then finally $\\boxed{\\frac{1}{\\sqrt{2}}}$.", "idx": 1},
-    {"problem": "No box.", "level": "Level 1", "type": "Algebra", "solution": "We are done, without any boxed answer in this long worked solution text here.", "idx": 2},
+    {
+        "problem": "How many vertical asymptotes does the graph of $y=\\frac{2}{x^2+x-6}$ have?",
+        "level": "Level 3",
+        "type": "Algebra",
+        "solution": "The denominator factors. Therefore, the graph has $\\boxed{2}$ vertical asymptotes.",
+        "idx": 0,
+    },
+    {
+        "problem": "Simplify.",
+        "level": "Level 1",
+        "type": "Algebra",
+        "solution": "First $\\boxed{1}$, then finally $\\boxed{\\frac{1}{\\sqrt{2}}}$.",
+        "idx": 1,
+    },
+    {
+        "problem": "No box.",
+        "level": "Level 1",
+        "type": "Algebra",
+        "solution": "We are done, without any boxed answer in this long worked solution text here.",
+        "idx": 2,
+    },
 ]
 SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 MATH_TRAIN = [
-    {"problem": "Let $f(x) = 2x$. Find $f(0)$." + SUFFIX, "level": "Level 5", "solution": "0", "type": "Algebra", "data_source": "DigitalLearningGmbH/MATH-lighteval", "ability": "math", "reward_model": {"ground_truth": "0", "style": "rule"}, "extra_info": {"index": 0, "split": "train"}},
-    {"problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$." + SUFFIX, "level": "Level 1", "solution": "\\frac{3}{4}", "type": "Algebra", "data_source": "DigitalLearningGmbH/MATH-lighteval", "ability": "math", "reward_model": {"ground_truth": "\\frac{3}{4}", "style": "rule"}, "extra_info": {"index": 1, "split": "train"}},
-    {"problem": "Empty gold." + SUFFIX, "level": "Level 5", "solution": "", "type": "Algebra", "data_source": "x", "ability": "math", "reward_model": {"ground_truth": "", "style": "rule"}, "extra_info": {"index": 2, "split": "train"}},
+    {
+        "problem": "Let $f(x) = 2x$. Find $f(0)$." + SUFFIX,
+        "level": "Level 5",
+        "solution": "0",
+        "type": "Algebra",
+        "data_source": "DigitalLearningGmbH/MATH-lighteval",
+        "ability": "math",
+        "reward_model": {"ground_truth": "0", "style": "rule"},
+        "extra_info": {"index": 0, "split": "train"},
+    },
+    {
+        "problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$." + SUFFIX,
+        "level": "Level 1",
+        "solution": "\\frac{3}{4}",
+        "type": "Algebra",
+        "data_source": "DigitalLearningGmbH/MATH-lighteval",
+        "ability": "math",
+        "reward_model": {"ground_truth": "\\frac{3}{4}", "style": "rule"},
+        "extra_info": {"index": 1, "split": "train"},
+    },
+    {
+        "problem": "Empty gold." + SUFFIX,
+        "level": "Level 5",
+        "solution": "",
+        "type": "Algebra",
+        "data_source": "x",
+        "ability": "math",
+        "reward_model": {"ground_truth": "", "style": "rule"},
+        "extra_info": {"index": 2, "split": "train"},
+    },
 ]
 AIME = [
-    {"id": 60, "problem": "Every morning Aya goes for a $9$-kilometer-long walk.", "solution": "So $\\framebox{204}$ minutes", "answer": "204", "url": "https://artofproblemsolving.com/x", "question": "Every morning Aya goes for a $9$-kilometer-long walk."},
-    {"id": 61, "problem": "Find the remainder.", "solution": "...", "answer": "023", "url": "u", "question": "Find the remainder."},
+    {
+        "id": 60,
+        "problem": "Every morning Aya goes for a $9$-kilometer-long walk.",
+        "solution": "So $\\framebox{204}$ minutes",
+        "answer": "204",
+        "url": "https://artofproblemsolving.com/x",
+        "question": "Every morning Aya goes for a $9$-kilometer-long walk.",
+    },
+    {
+        "id": 61,
+        "problem": "Find the remainder.",
+        "solution": "...",
+        "answer": "023",
+        "url": "u",
+        "question": "Find the remainder.",
+    },
 ]
 STRATEGYQA = [
-    {"qid": "b8677742616fef051f00", "term": "Genghis Khan", "description": "founder", "facts": ["Julius Caesar had three children.", "Genghis Khan had sixteen children."], "answer": True, "question": "Are more people today related to Genghis Khan than Julius Caesar?", "decomposition": ["How many kids did Julius Caesar have?"]},
-    {"qid": "q2", "term": "T", "description": "d", "facts": ["Fact."], "answer": False, "question": "Is it so?", "decomposition": []},
+    {
+        "qid": "b8677742616fef051f00",
+        "term": "Genghis Khan",
+        "description": "founder",
+        "facts": ["Julius Caesar had three children.", "Genghis Khan had sixteen children."],
+        "answer": True,
+        "question": "Are more people today related to Genghis Khan than Julius Caesar?",
+        "decomposition": ["How many kids did Julius Caesar have?"],
+    },
+    {
+        "qid": "q2",
+        "term": "T",
+        "description": "d",
+        "facts": ["Fact."],
+        "answer": False,
+        "question": "Is it so?",
+        "decomposition": [],
+    },
     {"qid": "q3", "term": "T", "description": "d", "facts": [], "question": "No answer?", "decomposition": []},
 ]
 
@@ -69,11 +200,27 @@ def dapo_msg(problem):
 
 
 DAPO = [
-    {"data_source": "math_dapo", "prompt": dapo_msg("In triangle $ABC$, find $k+m$."), "ability": "MATH", "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"}, "extra_info": {"index": "9a9b6eb4-a1cb-49d1-8c1e-62eaf2f74079"}},
-    {"data_source": "math_dapo", "prompt": dapo_msg("In triangle $ABC$, find $k+m$."), "ability": "MATH", "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"}, "extra_info": {"index": "dup"}},
+    {
+        "data_source": "math_dapo",
+        "prompt": dapo_msg("In triangle $ABC$, find $k+m$."),
+        "ability": "MATH",
+        "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},
+        "extra_info": {"index": "9a9b6eb4-a1cb-49d1-8c1e-62eaf2f74079"},
+    },
+    {
+        "data_source": "math_dapo",
+        "prompt": dapo_msg("In triangle $ABC$, find $k+m$."),
+        "ability": "MATH",
+        "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},
+        "extra_info": {"index": "dup"},
+    },
     {"problem": "What is 2+2?", "answer": "4"},
     {"prompt": "Plain prompt string?", "solution": "7"},
-    {"data_source": "math_dapo", "prompt": dapo_msg("No truth."), "reward_model": {"ground_truth": "", "style": "rule"}},
+    {
+        "data_source": "math_dapo",
+        "prompt": dapo_msg("No truth."),
+        "reward_model": {"ground_truth": "", "style": "rule"},
+    },
 ]
 
 
@@ -90,7 +237,10 @@ def test_gsm8k(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="esm_steer.data.tasks"):
         ex = esm_steer.load_task("gsm8k", "test", data_root=str(tmp_path))
     assert [e.gold for e in ex] == ["72", "1018"]
-    assert ex[0].solution == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+    assert (
+        ex[0].solution
+        == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+    )
     assert ex[0].id == "gsm8k-test-0" and ex[1].id == "gsm8k-test-1"
     assert "task=gsm8k split=test: loaded 2, skipped 2" in caplog.text
     assert "no #### in answer: 1" in caplog.text and "missing question: 1" in caplog.text

@@ -136,14 +136,27 @@ def test_schemas_row_counts_and_summary(tmp_path, tokenizer):
 
 def test_best_ties_go_to_lowest_sample_id():
     stage2 = pd.DataFrame(
-        [{"question_id": q, "sample_id": s, "question": f"q{q}", "ground_truth": "1", "token_2048": f"t{q}{s}",
-          "prefix_finished": False} for q in range(2) for s in range(3)]
-    )  # fmt: skip
+        [
+            {
+                "question_id": q,
+                "sample_id": s,
+                "question": f"q{q}",
+                "ground_truth": "1",
+                "token_2048": f"t{q}{s}",
+                "prefix_finished": False,
+            }
+            for q in range(2)
+            for s in range(3)
+        ]
+    )
     correct = {(0, 0): [1, 0], (0, 1): [0, 1], (0, 2): [0, 0], (1, 0): [0, 0], (1, 1): [1, 1], (1, 2): [1, 1]}
     stage3 = pd.DataFrame(
-        [{"question_id": q, "sample_id": s, "continuation_id": k, "is_correct": bool(v), "error": None}
-         for (q, s), vs in correct.items() for k, v in enumerate(vs)]
-    )  # fmt: skip
+        [
+            {"question_id": q, "sample_id": s, "continuation_id": k, "is_correct": bool(v), "error": None}
+            for (q, s), vs in correct.items()
+            for k, v in enumerate(vs)
+        ]
+    )
     final = best_per_question(stage2, stage3).set_index("question_id")
     assert final.loc[0, "best_sample_id"] == 0 and final.loc[0, "all_accs"] == [0.5, 0.5, 0.0]
     assert final.loc[1, "best_sample_id"] == 1 and final.loc[1, "best_acc"] == 1.0
@@ -378,8 +391,11 @@ def test_sharded_stage1_equals_unsharded(tmp_path, hf_engine):
         parts = sorted(p.name for p in (out_dir(two) / schema.STAGE1_PARTS).glob("*.parquet"))
         assert parts == ["part-00001-of-00004.parquet", "part-00003-of-00004.parquet"]
         assert len(calls) == 2 and not (out_dir(two) / schema.STAGE1).exists()
-        with pytest.raises(RunError, match=r"prepare: 2 of 4 parts missing.*part-00000-of-00004.*part-00002-of-00004.*"
-                           r"stage=sample for token2048.shard_index in \[0\] \(num_shards=2\)"):
+        with pytest.raises(
+            RunError,
+            match=r"prepare: 2 of 4 parts missing.*part-00000-of-00004.*part-00002-of-00004.*"
+            r"stage=sample for token2048.shard_index in \[0\] \(num_shards=2\)",
+        ):
             run_stage(two, hf_engine, stage="prepare", num_shards=2)
         assert not (out_dir(two) / schema.STAGE2).exists()
         run_stage(two, hf_engine, stage="sample", shard_index=0, num_shards=2)  # the last shard merges

@@ -34,7 +34,9 @@ def _engine(tokenizer):
 
 def _completion(ids, reason, stop_reason=None, text="x"):
     lps = [{t: SimpleNamespace(logprob=-0.5 * (k + 1))} for k, t in enumerate(ids)]
-    return SimpleNamespace(index=0, token_ids=ids, logprobs=lps, finish_reason=reason, stop_reason=stop_reason, text=text)
+    return SimpleNamespace(
+        index=0, token_ids=ids, logprobs=lps, finish_reason=reason, stop_reason=stop_reason, text=text
+    )
 
 
 def test_missing_vllm_error_is_one_line():
@@ -76,8 +78,13 @@ def test_hidden_states_from_lazy_hf_copy_equal_hf_engine(tmp_path, tokenizer, ti
     tiny_model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     cfg = ModelConfig(name_or_path=str(tmp_path / "tiny"), gguf_file=None, dtype="float32", device="cpu")
-    eng = VLLMEngine(llm=None, tokenizer=tokenizer, info=EngineInfo("tiny", 2, 64, 1, "float32", "vllm"),
-                     eos_token_ids={2}, model_cfg=cfg)  # fmt: skip
+    eng = VLLMEngine(
+        llm=None,
+        tokenizer=tokenizer,
+        info=EngineInfo("tiny", 2, 64, 1, "float32", "vllm"),
+        eos_token_ids={2},
+        model_cfg=cfg,
+    )
     seqs = [[5, 6, 7, 8, 9], [10, 11], list(range(100, 140))]
     assert eng._hf is None  # nothing loaded until hidden states are asked for
     got, want = eng.hidden_states(seqs), tiny_engine.hidden_states(seqs)
@@ -144,8 +151,13 @@ def test_cli_eval_on_vllm_refuses_in_one_line(tmp_path):
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "esm-eval"
-    r = subprocess.run([str(exe), "experiment=debug", "model.backend=vllm", f"outputs.root_dir={tmp_path}/out"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [str(exe), "experiment=debug", "model.backend=vllm", f"outputs.root_dir={tmp_path}/out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and "needs steered step-level decoding" in lines[0] and "model.backend=vllm" in lines[0]

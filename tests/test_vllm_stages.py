@@ -49,8 +49,12 @@ def test_esm_mine_on_vllm_writes_candidates(tmp_path):
 
 
 def test_esm_token2048_all_on_vllm(tmp_path):
-    small = ["token2048.n_questions=2", "token2048.questions_per_shard=1", "token2048.n_cont=2",
-             "token2048.max_new_tokens=24"]  # fmt: skip
+    small = [
+        "token2048.n_questions=2",
+        "token2048.questions_per_shard=1",
+        "token2048.n_cont=2",
+        "token2048.max_new_tokens=24",
+    ]
     _cli("esm-token2048", VLLM + ["stage=all"] + small + [f"outputs.root_dir={tmp_path}/out"], tmp_path)
     out = _stage_dir(tmp_path / "out", "token2048")
     final = pd.read_parquet(out / "final_best.parquet")

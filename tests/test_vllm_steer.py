@@ -18,6 +18,7 @@ def _runner(req_ranges: dict, req_ids: list[str], counts: list[int], positions: 
     qsl = [0]
     for c in counts:
         qsl.append(qsl[-1] + c)
+
     def params(rs):
         return SimpleNamespace(extra_args={vllm_steer.STEER_KEY: rs} if rs else None)
 
@@ -34,8 +35,12 @@ def test_hook_adds_each_tokens_range_vector_for_its_request():
     v1, v2, v3 = ([float(k)] * 4 for k in (1, 10, 100))
     # request a: prefill chunk of positions 3..6, ranges [4, 5] -> v1 and [6, 9] -> v2; b: decode at 9, unsteered;
     # c: decode at 2 with a range that starts later
-    runner = _runner({"a": [(4, 5, v1), (6, 9, v2)], "b": [], "c": [(3, 8, v3)]}, ["a", "b", "c"], [4, 1, 1],
-                     [3, 4, 5, 6, 9, 2, 0, 0])  # fmt: skip  (two padded tokens at the end)
+    runner = _runner(
+        {"a": [(4, 5, v1), (6, 9, v2)], "b": [], "c": [(3, 8, v3)]},
+        ["a", "b", "c"],
+        [4, 1, 1],
+        [3, 4, 5, 6, 9, 2, 0, 0],
+    )  # (two padded tokens at the end)
     hook = vllm_steer._SteerHook(runner)
     hidden, residual = torch.zeros(8, 4), torch.ones(8, 4)
     out, res = hook(None, (), (hidden, residual))
@@ -73,8 +78,10 @@ def engines():
 
     hf = load_engine(ModelConfig(gguf_file="embedded", dtype="float32", backend="hf", device="cpu"))
     # KV blocks of 32 tokens (CPU default 128), so that short rollouts fill cached blocks
-    v = VLLMEngine.from_config(ModelConfig(gguf_file="embedded", dtype="float32", backend="vllm", enforce_eager=True,
-                                           max_model_len=512), block_size=32)  # fmt: skip
+    v = VLLMEngine.from_config(
+        ModelConfig(gguf_file="embedded", dtype="float32", backend="vllm", enforce_eager=True, max_model_len=512),
+        block_size=32,
+    )
     yield hf, v
     v.close()
 

@@ -32,9 +32,7 @@ STAGES: dict[str, dict[str, str]] = {
     "memory": {"memory": "esm_steer.esm.memory:run"},
     "eval": {"eval": "esm_steer.evaluate.eval:run"},
     "case": {"case": "esm_steer.evaluate.case:run"},
-    "token2048": {
-        s: "esm_steer.token2048.pipeline:run" for s in ("sample", "prepare", "continue", "select", "all")
-    },
+    "token2048": {s: "esm_steer.token2048.pipeline:run" for s in ("sample", "prepare", "continue", "select", "all")},
 }
 
 

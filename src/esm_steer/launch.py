@@ -22,8 +22,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,10 +70,10 @@ register_resolvers()
 
 # ------------------------------------------------------------------ the claim (per process)
 
-_CLAIM: Optional[dict] = None  # {"gpu", "fd", "path", "pid"}: kept for the worker's life
+_CLAIM: dict | None = None  # {"gpu", "fd", "path", "pid"}: kept for the worker's life
 
 
-def current_gpu() -> Optional[str]:
+def current_gpu() -> str | None:
     """The GPU this process holds, or None."""
     return _CLAIM["gpu"] if _CLAIM else None
 
@@ -160,7 +161,7 @@ def use_gpu(gpu: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
-def one_thread_per_job(cfg: Optional[DictConfig] = None) -> None:
+def one_thread_per_job(cfg: DictConfig | None = None) -> None:
     """Several CPU jobs at once: one torch/OpenMP thread each."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
@@ -175,7 +176,7 @@ def one_thread_per_job(cfg: Optional[DictConfig] = None) -> None:
             pass
 
 
-def prepare_job(cfg: DictConfig) -> Optional[str]:
+def prepare_job(cfg: DictConfig) -> str | None:
     """Called first thing in every job (cli.run_stage). In a multirun: claim this worker's GPU
     (or set one thread per CPU job), log it and write ``<job dir>/gpu.txt``; returns the GPU
     id or None. Outside a multirun it does nothing."""
@@ -196,12 +197,17 @@ def prepare_job(cfg: DictConfig) -> Optional[str]:
 
     gpus = parse_gpus(OmegaConf.select(cfg, "launch.gpus"))
     job = f"job {hc.job.num}"
-    gpu: Optional[str] = None
+    gpu: str | None = None
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # hydra/launcher=slurm: Slurm assigned the GPU
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         what = visible or "cpu"
-        log.info("%s: Slurm job %s, CUDA_VISIBLE_DEVICES=%s%s", job, os.environ.get("SLURM_JOB_ID", "?"), visible or "(none)",
-                 " (launch.gpus ignored)" if gpus else "")  # fmt: skip
+        log.info(
+            "%s: Slurm job %s, CUDA_VISIBLE_DEVICES=%s%s",
+            job,
+            os.environ.get("SLURM_JOB_ID", "?"),
+            visible or "(none)",
+            " (launch.gpus ignored)" if gpus else "",
+        )
     elif gpus:
         wait_s = float(OmegaConf.select(cfg, "launch.gpu_wait_s", default=DEFAULT_WAIT_S))
         lock_dir = Path(str(hc.sweep.dir)) / LOCK_DIR

@@ -102,8 +102,13 @@ def check_no_overlap(artifact_dir: str | Path | None, examples: Sequence, what: 
         return
     path = Path(artifact_dir) / "mine" / QUESTIONS_FILE
     if not path.is_file():
-        log.warning("%s has no mine/%s (mined before it was recorded): cannot check that its mining questions "
-                    "are disjoint from the %s questions", artifact_dir, QUESTIONS_FILE, what)  # fmt: skip
+        log.warning(
+            "%s has no mine/%s (mined before it was recorded): cannot check that its mining questions "
+            "are disjoint from the %s questions",
+            artifact_dir,
+            QUESTIONS_FILE,
+            what,
+        )
         return
     mined = set(json.loads(path.read_text()).get("hashes") or [])
     hits = [ex for ex in examples if question_hash(ex.question) in mined]

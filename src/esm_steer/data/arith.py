@@ -17,17 +17,46 @@ import random
 from dataclasses import dataclass
 
 NAMES = [
-    ("Tom", "he", "his"), ("Mia", "she", "her"), ("Ben", "he", "his"), ("Lily", "she", "her"),
-    ("Sam", "he", "his"), ("Emma", "she", "her"), ("Leo", "he", "his"), ("Zoe", "she", "her"),
-    ("Max", "he", "his"), ("Ava", "she", "her"), ("Noah", "he", "his"), ("Ella", "she", "her"),
-    ("Jack", "he", "his"), ("Ruby", "she", "her"), ("Omar", "he", "his"), ("Nina", "she", "her"),
-    ("Ravi", "he", "his"), ("Kate", "she", "her"), ("Luis", "he", "his"), ("Yuki", "she", "her"),
-]  # fmt: skip
+    ("Tom", "he", "his"),
+    ("Mia", "she", "her"),
+    ("Ben", "he", "his"),
+    ("Lily", "she", "her"),
+    ("Sam", "he", "his"),
+    ("Emma", "she", "her"),
+    ("Leo", "he", "his"),
+    ("Zoe", "she", "her"),
+    ("Max", "he", "his"),
+    ("Ava", "she", "her"),
+    ("Noah", "he", "his"),
+    ("Ella", "she", "her"),
+    ("Jack", "he", "his"),
+    ("Ruby", "she", "her"),
+    ("Omar", "he", "his"),
+    ("Nina", "she", "her"),
+    ("Ravi", "he", "his"),
+    ("Kate", "she", "her"),
+    ("Luis", "he", "his"),
+    ("Yuki", "she", "her"),
+]
 FRIENDS = ["a friend", "his sister", "her brother", "a neighbor", "the teacher", "a classmate", "Grandma"]
 OBJECTS = [
-    "apples", "marbles", "stickers", "pencils", "cookies", "books", "balloons", "shells",
-    "cards", "crayons", "stamps", "beads", "flowers", "eggs", "toy cars", "coins",
-]  # fmt: skip
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "balloons",
+    "shells",
+    "cards",
+    "crayons",
+    "stamps",
+    "beads",
+    "flowers",
+    "eggs",
+    "toy cars",
+    "coins",
+]
 
 STARTS = [
     "{name} has {a} {obj}.",

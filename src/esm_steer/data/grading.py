@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ def last_boxed(text: str) -> str | None:
     return best[1] if best else None
 
 
-_NUMBER_RE = re.compile(
-    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|(?<![\w.])-?\.\d+"
-)
+_NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|(?<![\w.])-?\.\d+")
 
 
 def last_number(text: str) -> str | None:
@@ -121,8 +119,11 @@ def _choice_letter(text: str) -> str | None:
     if found:
         return found[-1]
     # a standalone capital letter, but not the article "A word"
-    found = [m.group(1) for m in re.finditer(r"(?<![\w'])([A-E])(?![\w'])", text)
-             if not (m.group(1) == "A" and re.match(r" [a-z]", text[m.end():]))]
+    found = [
+        m.group(1)
+        for m in re.finditer(r"(?<![\w'])([A-E])(?![\w'])", text)
+        if not (m.group(1) == "A" and re.match(r" [a-z]", text[m.end() :]))
+    ]
     return found[-1] if found else None
 
 
@@ -392,12 +393,48 @@ DAPO_SUBSTITUTIONS = [
 ]
 
 DAPO_REMOVED_EXPRESSIONS = [
-    "square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units",
-    "\\ldots", "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm",
-    "pounds", "meters", "meals", "edges", "students", "childrentickets", "multiples",
-    "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}",
-    "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"', "\\dots",
-]  # fmt: skip
+    "square",
+    "ways",
+    "integers",
+    "dollars",
+    "mph",
+    "inches",
+    "hours",
+    "km",
+    "units",
+    "\\ldots",
+    "sue",
+    "points",
+    "feet",
+    "minutes",
+    "digits",
+    "cents",
+    "degrees",
+    "cm",
+    "gm",
+    "pounds",
+    "meters",
+    "meals",
+    "edges",
+    "students",
+    "childrentickets",
+    "multiples",
+    "\\text{s}",
+    "\\text{.}",
+    "\\text{\ns}",
+    "\\text{}^2",
+    "\\text{}^3",
+    "\\text{\n}",
+    "\\text{}",
+    r"\mathrm{th}",
+    r"^\circ",
+    r"^{\circ}",
+    r"\;",
+    r",\!",
+    "{,}",
+    '"',
+    "\\dots",
+]
 
 
 def dapo_normalize(answer: str) -> str:

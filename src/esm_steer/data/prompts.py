@@ -24,9 +24,15 @@ ARITH_RULE = 'Solve the problem. Finish with "The answer is N." where N is a num
 
 ARITH_SHOTS = (
     ("Anna has 7 pears. She buys 5 more pears. How many pears does Anna have now?", "7 + 5 = 12.\nThe answer is 12."),
-    ("Carl had 14 pens in a box. He gives 6 pens to a friend. How many pens does Carl have now?", "14 - 6 = 8.\nThe answer is 8."),
-    ("There are 9 cups on Dana's desk. She finds 4 more. How many cups are there now?", "9 + 4 = 13.\nThe answer is 13."),
-)  # fmt: skip
+    (
+        "Carl had 14 pens in a box. He gives 6 pens to a friend. How many pens does Carl have now?",
+        "14 - 6 = 8.\nThe answer is 8.",
+    ),
+    (
+        "There are 9 cups on Dana's desk. She finds 4 more. How many cups are there now?",
+        "9 + 4 = 13.\nThe answer is 13.",
+    ),
+)
 
 PROMPTS: dict[str, PromptTemplate] = {
     t.name: t

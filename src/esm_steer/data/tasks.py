@@ -16,9 +16,10 @@ import logging
 import random
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 from esm_steer.data.grading import last_boxed
 from esm_steer.splits import carve_assign, carve_source, check_carve, question_hash
@@ -39,8 +40,8 @@ class Example:
     id: str
     question: str
     gold: str
-    solution: Optional[str] = None  # gold worked reasoning, where the dataset has one
-    choices: Optional[list[str]] = None  # multiple choice: ["A. text", "B. text", ...]
+    solution: str | None = None  # gold worked reasoning, where the dataset has one
+    choices: list[str] | None = None  # multiple choice: ["A. text", "B. text", ...]
     meta: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -50,11 +51,11 @@ class Example:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    hub_id: Optional[str]
-    hub_config: Optional[str]
+    hub_id: str | None
+    hub_config: str | None
     grader: str  # numeric | math | choice | yesno | math_dapo
     prompt: str  # default template name in esm_steer.data.prompts.PROMPTS
-    row_to_example: Optional[Callable[[dict, str], Example]]  # (row, default id) -> Example
+    row_to_example: Callable[[dict, str], Example] | None  # (row, default id) -> Example
     hub_splits: dict = field(default_factory=dict)  # our split -> hub split (aime: test -> train)
     dedupe: bool = False  # drop repeated questions (DAPO-Math-17k repeats each problem)
 
@@ -238,12 +239,18 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("aime_2024", "HuggingFaceH4/aime_2024", None, "math", "math_0shot", aime_row, {"test": "train"}),
         TaskSpec("strategyqa", "ChilleD/StrategyQA", None, "yesno", "strategyqa_0shot", strategyqa_row),
         TaskSpec(
-            "dapo_math", "BytedTsinghua-SIA/DAPO-Math-17k", None, "math_dapo", "dapo", dapo_row,
-            {"test": "train"}, dedupe=True,
+            "dapo_math",
+            "BytedTsinghua-SIA/DAPO-Math-17k",
+            None,
+            "math_dapo",
+            "dapo",
+            dapo_row,
+            {"test": "train"},
+            dedupe=True,
         ),
         TaskSpec("arith", None, None, "numeric", "arith_3shot", None),
     ]
-}  # fmt: skip
+}
 
 _KWARGS = ("difficulty", "num_synthetic", "hub_id", "hub_config")
 
@@ -350,9 +357,15 @@ def load_split(
         examples = generate(split, seed=seed, difficulty=difficulty, num=num)
         out = _subsample(examples, max_examples, seed)
         record = {
-            "task": name, "split": split, "source": "generator", "rule": SPLIT_RULE, "seed": seed,
-            "difficulty": difficulty, "n": len(examples), "loaded": len(out),
-        }  # fmt: skip
+            "task": name,
+            "split": split,
+            "source": "generator",
+            "rule": SPLIT_RULE,
+            "seed": seed,
+            "difficulty": difficulty,
+            "n": len(examples),
+            "loaded": len(out),
+        }
         log.info("task=%s split=%s: loaded %d, skipped 0 (synthetic)", name, split, len(out))
         return out, record
 
@@ -363,8 +376,13 @@ def load_split(
     reasons = ", ".join(f"{k}: {v}" for k, v in Counter(record["skipped"]).most_common()) or "none"
     log.info(
         "task=%s split=%s: loaded %d, skipped %d (%s) from %s",
-        name, split, len(examples), sum(record["skipped"].values()), reasons, record["source"],
-    )  # fmt: skip
+        name,
+        split,
+        len(examples),
+        sum(record["skipped"].values()),
+        reasons,
+        record["source"],
+    )
     others = [o for o in disjoint_from if o != split]
     if others:
         taken: set[str] = set()
@@ -411,9 +429,11 @@ def _carved(spec: TaskSpec, split: str, data_root, carve, split_seed: int, hub: 
         assigned = carve_assign([e.question for e in examples], shares, split_seed)
         counts = Counter(assigned)
         record.update(
-            carve=shares, split_seed=int(split_seed), source_rows=len(examples),
+            carve=shares,
+            split_seed=int(split_seed),
+            source_rows=len(examples),
             counts={**{s: counts.get(s, 0) for s in shares}, **({"unused": counts[None]} if counts.get(None) else {})},
-        )  # fmt: skip
+        )
         examples = [e for e, a in zip(examples, assigned) if a == split]
     return examples, record
 

@@ -7,7 +7,7 @@ the ``Engine`` and ``DecodeBatch`` protocols.
 from __future__ import annotations
 
 import importlib.util
-from typing import Sequence
+from collections.abc import Sequence
 
 from esm_steer.config import ConfigError
 from esm_steer.engine.base import (

@@ -7,8 +7,9 @@ needs step-level control and lives on the HF backend's :class:`DecodeBatch`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -108,9 +109,7 @@ class Engine(Protocol):
         depend on which other prompts share its batch (resumable stages rely on this; the
         vLLM backend can only seed the engine and documents the difference)."""
 
-    def hidden_states(
-        self, sequences: Sequence[list[int]], layer: int | None = None
-    ) -> list[torch.Tensor]:
+    def hidden_states(self, sequences: Sequence[list[int]], layer: int | None = None) -> list[torch.Tensor]:
         """Teacher-forced residual-stream output of decoder layer `layer` (default: steer
         layer) for every token: one float32 CPU tensor [len(seq), hidden] per sequence."""
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ class _Row:
     finish_reason: str | None = None
     final_hidden: torch.Tensor | None = None  # last_hidden kept when the row leaves the tensors
 
-    def clone(self, generator: torch.Generator) -> "_Row":
+    def clone(self, generator: torch.Generator) -> _Row:
         return _Row(
             prompt_len=self.prompt_len,
             generator=generator,
@@ -147,7 +147,7 @@ class HFDecodeBatch:
 
     def __init__(
         self,
-        engine: "HFEngine",
+        engine: HFEngine,
         prompts: Sequence[Sequence[int]],
         seeds: Sequence[int],
         segment_delimiter: str | None = None,
@@ -348,7 +348,9 @@ class HFDecodeBatch:
         if vector is not None:
             vector = torch.as_tensor(vector).detach().reshape(-1)
             if vector.numel() != self.engine.hidden_size:
-                raise ValueError(f"steering vector has {vector.numel()} values, hidden size is {self.engine.hidden_size}")
+                raise ValueError(
+                    f"steering vector has {vector.numel()} values, hidden size is {self.engine.hidden_size}"
+                )
             vector = vector.to(device=self.device, dtype=self.engine.dtype)
         self._rows[row].steer = vector
         self._steer_dirty = True
@@ -566,7 +568,7 @@ class HFEngine(ChatEncoding):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, model_cfg, seed: int = 0) -> "HFEngine":
+    def from_config(cls, model_cfg, seed: int = 0) -> HFEngine:
         """Load from a ``ModelConfig`` (or a DictConfig with its fields)."""
         from transformers import AutoModelForCausalLM
 
@@ -670,15 +672,21 @@ class HFEngine(ChatEncoding):
         per_chunk = max(1, self.batch_size // n_decode)
         for lo in range(0, len(prompts), per_chunk):
             idx = list(range(lo, min(lo + per_chunk, len(prompts))))
-            samples = self._generate_chunk([prompts[i] for i in idx], [pseeds[i] for i in idx], spec, n_decode,
-                                           segment_delimiter, on_control_point)
+            samples = self._generate_chunk(
+                [prompts[i] for i in idx], [pseeds[i] for i in idx], spec, n_decode, segment_delimiter, on_control_point
+            )
             for i, s in zip(idx, samples):
                 results[i] = s if n_decode == spec.n else [_copy_sample(s[0]) for _ in range(spec.n)]
         return results
 
     def _generate_chunk(self, prompts, pseeds, spec, n, segment_delimiter, on_control_point):
-        batch = self.start(prompts, segment_delimiter=segment_delimiter, prompt_seeds=pseeds,
-                           max_new_tokens=spec.max_new_tokens, stop=spec.stop)
+        batch = self.start(
+            prompts,
+            segment_delimiter=segment_delimiter,
+            prompt_seeds=pseeds,
+            max_new_tokens=spec.max_new_tokens,
+            stop=spec.stop,
+        )
         rows: list[list[int]] = []
         for h, s in zip(list(batch.active_rows()), pseeds):
             rows.append([h] + batch.fork(h, n - 1, seeds=[mix_seed(s, j) for j in range(1, n)]))

@@ -30,8 +30,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -82,7 +82,7 @@ class VLLMEngine(ChatEncoding):
         self._warned_seed = False
 
     @classmethod
-    def from_config(cls, model_cfg, seed: int = 0, **llm_kwargs) -> "VLLMEngine":
+    def from_config(cls, model_cfg, seed: int = 0, **llm_kwargs) -> VLLMEngine:
         """Start vLLM for a ``ModelConfig``; `llm_kwargs` go to ``vllm.LLM`` (e.g. block_size)."""
         from transformers import AutoConfig
 

@@ -44,7 +44,7 @@ same hook; measured tok/s versus the unsteered engine.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,7 +85,12 @@ def prompt_ids(engine_or_tokenizer: Any, cfg: DictConfig, examples: Sequence) ->
 
     tok = getattr(engine_or_tokenizer, "tokenizer", engine_or_tokenizer)
     return [
-        list(render_prompt_ids(tok, build_messages(resolve_template(cfg.prompt.template, cfg.task.dataset), ex, system=cfg.prompt.system)))
+        list(
+            render_prompt_ids(
+                tok,
+                build_messages(resolve_template(cfg.prompt.template, cfg.task.dataset), ex, system=cfg.prompt.system),
+            )
+        )
         for ex in examples
     ]
 

@@ -140,7 +140,7 @@ class Library:
         return root
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> "Library":
+    def load(cls, run_dir: str | os.PathLike) -> Library:
         root = Path(run_dir) / LIBRARY_DIR
         jsonl = root / "library.jsonl"
         if not jsonl.exists():

@@ -56,9 +56,7 @@ def _parse_meta(text: str) -> dict:
 
 
 class Memory:
-    def __init__(
-        self, keys: np.ndarray, entries: list[dict], meta: dict, index=None, center: np.ndarray | None = None
-    ):
+    def __init__(self, keys: np.ndarray, entries: list[dict], meta: dict, index=None, center: np.ndarray | None = None):
         self.keys = np.ascontiguousarray(keys, dtype=np.float32)
         self.center = None if center is None else np.asarray(center, dtype=np.float32)
         self.entries = list(entries)
@@ -121,9 +119,7 @@ class Memory:
         return root
 
     @classmethod
-    def load(
-        cls, run_dir: str | os.PathLike, model_id: str | None = None, steer_layer: int | None = None
-    ) -> "Memory":
+    def load(cls, run_dir: str | os.PathLike, model_id: str | None = None, steer_layer: int | None = None) -> Memory:
         """The memory of a run dir; refuses one built for another model or layer."""
         root = Path(run_dir) / MEMORY_DIR
         for name in ("meta.txt", "keys.npy", "entries.jsonl"):
@@ -221,7 +217,13 @@ def run(cfg: DictConfig, run) -> None:
     per_tool = len(memory) / len(library)
     log.info(
         "memory: %d entries from %d tools (%.1f states per tool), d=%d, centered=%s normalised=%s, model %s layer %s",
-        len(memory), len(library), per_tool, memory.meta["d"], memory.meta["centered"], memory.normalised,
-        memory.meta["model"], memory.meta["layer"],
-    )  # fmt: skip
+        len(memory),
+        len(library),
+        per_tool,
+        memory.meta["d"],
+        memory.meta["centered"],
+        memory.normalised,
+        memory.meta["model"],
+        memory.meta["layer"],
+    )
     write_latest(run.dir)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -251,7 +251,11 @@ def sample_rollouts(
     finally:
         bar.close()
     wall = time.time() - t0
-    return {"rollouts_generated": n_new, "rollout_wall_s": round(wall, 2), "rollouts_per_s": round(n_new / wall, 2) if wall > 0 else None}
+    return {
+        "rollouts_generated": n_new,
+        "rollout_wall_s": round(wall, 2),
+        "rollouts_per_s": round(n_new / wall, 2) if wall > 0 else None,
+    }
 
 
 # ---------------------------------------------------------------- phase 2: candidates
@@ -270,7 +274,9 @@ def _gold_record(ex, tokenizer, om) -> dict | None:
     }
 
 
-def mine_candidates(engine, examples: Sequence, prompts: Sequence[list[int]], rollouts: Sequence[dict], cfg: DictConfig):
+def mine_candidates(
+    engine, examples: Sequence, prompts: Sequence[list[int]], rollouts: Sequence[dict], cfg: DictConfig
+):
     """Candidates of every question from its rollouts on disk. Returns (kept, stats)."""
     om, cp = cfg.offline_mine, cfg.control_points
     layer = engine.info.steer_layer
@@ -401,7 +407,12 @@ def _check_resume(mine_dir: Path, info, cfg: DictConfig) -> None:
                 )
     atomic_write_json(
         meta_path,
-        {"model_id": info.model_id, "steer_layer": info.steer_layer, "hidden_size": info.hidden_size, "sampling": sampling},
+        {
+            "model_id": info.model_id,
+            "steer_layer": info.steer_layer,
+            "hidden_size": info.hidden_size,
+            "sampling": sampling,
+        },
     )
 
 
@@ -459,15 +470,27 @@ def mine(
     log.info(
         "mine: %d questions, %d with both sets, skipped %s; %d rollouts (acc %s, finish %s); "
         "candidates %d kept of %d, per m %s; %.1f s",
-        summary["questions"], stats["questions_with_both_sets"], stats["skipped"] or "none", len(rollouts),
-        summary["rollout_accuracy"], dict(finish), len(cands), stats["candidates_total"],
-        stats["candidates_per_m"], summary["wall_s"],
-    )  # fmt: skip
+        summary["questions"],
+        stats["questions_with_both_sets"],
+        stats["skipped"] or "none",
+        len(rollouts),
+        summary["rollout_accuracy"],
+        dict(finish),
+        len(cands),
+        stats["candidates_total"],
+        stats["candidates_per_m"],
+        summary["wall_s"],
+    )
     truncated = finish.get(FINISH_LENGTH, 0) / len(rollouts) if rollouts else 0.0
     if truncated > TRUNCATION_WARN_RATE:
-        log.warning("mine: %.0f%% of %d rollouts stopped at offline_mine.max_new_tokens=%d (finish_reason=length, "
-                    "> %.0f%%): raise offline_mine.max_new_tokens (default task.budget)", 100 * truncated,
-                    len(rollouts), int(cfg.offline_mine.max_new_tokens), 100 * TRUNCATION_WARN_RATE)  # fmt: skip
+        log.warning(
+            "mine: %.0f%% of %d rollouts stopped at offline_mine.max_new_tokens=%d (finish_reason=length, "
+            "> %.0f%%): raise offline_mine.max_new_tokens (default task.budget)",
+            100 * truncated,
+            len(rollouts),
+            int(cfg.offline_mine.max_new_tokens),
+            100 * TRUNCATION_WARN_RATE,
+        )
     if not cands:
         log.warning(
             "mine: no candidates: no question had both a positive and a negative rollout reaching a "

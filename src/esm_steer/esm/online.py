@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,9 @@ class OnlinePolicy:
         if online_cfg.variant not in VARIANTS:
             raise ValueError(f"online.variant={online_cfg.variant!r}: one of {', '.join(VARIANTS)}")
         if not hasattr(engine, "start"):
-            raise TypeError(f"the online policy needs step-level decoding (HF backend); {type(engine).__name__} has no start()")
+            raise TypeError(
+                f"the online policy needs step-level decoding (HF backend); {type(engine).__name__} has no start()"
+            )
         self.engine = engine
         self.library = library
         self.memory = memory
@@ -139,7 +142,11 @@ class OnlinePolicy:
         self.tools = {t.tool_id: t for t in library.tools}
         self._vectors: dict[str, torch.Tensor] = {}
         # no_memory: the candidates never change (the L highest-Q tools, Â = Q)
-        top = library.top_by_q(online_cfg.L) if hasattr(library, "top_by_q") else sorted(library.tools, key=lambda t: -t.Q)
+        top = (
+            library.top_by_q(online_cfg.L)
+            if hasattr(library, "top_by_q")
+            else sorted(library.tools, key=lambda t: -t.Q)
+        )
         self._top_by_q = [(t.tool_id, float(t.Q)) for t in top][: online_cfg.L]
         self._static = self._static_tool() if online_cfg.variant == "static" else None
 

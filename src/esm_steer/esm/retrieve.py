@@ -11,8 +11,8 @@ arithmetic can be checked on its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -82,4 +82,3 @@ def aggregate(
     tools = [(t, a_hat(ss, qs)) for t, (ss, qs) in by_tool.items()]
     tools.sort(key=lambda ta: -ta[1])  # stable: ties keep best-sim order
     return Retrieval(retrieved, len(kept), GATE_OK, tools)
-

@@ -11,7 +11,7 @@ Mining (post hoc, on rollouts) and the online policy (step by step) both use
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class SegmentTracker:
@@ -43,7 +43,7 @@ class SegmentTracker:
         self.count += found
         return found
 
-    def copy(self) -> "SegmentTracker":
+    def copy(self) -> SegmentTracker:
         other = SegmentTracker(self.delimiter)
         other.text, other.count, other._scan_from = self.text, self.count, self._scan_from
         return other

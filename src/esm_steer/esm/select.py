@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -179,9 +179,16 @@ def run(cfg: DictConfig, run) -> None:
         log.warning("select: offline_select.B=%d >= %d candidates: the library is all of them", B, C)
     V = torch.stack([c.vector for c in cands]).float().numpy()
     chosen = select_indices(
-        [c.Q for c in cands], V, [c.m for c in cands], B, str(sc.method), float(sc.lambda_diversity),
-        int(sc.min_per_control_point), int(cfg.control_points.M), int(cfg.seed),
-    )  # fmt: skip
+        [c.Q for c in cands],
+        V,
+        [c.m for c in cands],
+        B,
+        str(sc.method),
+        float(sc.lambda_diversity),
+        int(sc.min_per_control_point),
+        int(cfg.control_points.M),
+        int(cfg.seed),
+    )
     div = mean_pairwise_cosine_distance(V[chosen])
     meta = {
         "model_id": mine_summary["model_id"],
@@ -203,9 +210,13 @@ def run(cfg: DictConfig, run) -> None:
     for t in lib.tools:
         per_m[t.m] = per_m.get(t.m, 0) + 1
     log.info(
-        "select: %s chose %d of %d candidates; per m %s; mean Q %.4f (pool %.4f); mean pairwise cosine "
-        "distance %.4f",
-        sc.method, len(lib), C, dict(sorted(per_m.items())), meta["mean_Q"],
-        float(np.mean([c.Q for c in cands])), div,
-    )  # fmt: skip
+        "select: %s chose %d of %d candidates; per m %s; mean Q %.4f (pool %.4f); mean pairwise cosine distance %.4f",
+        sc.method,
+        len(lib),
+        C,
+        dict(sorted(per_m.items())),
+        meta["mean_Q"],
+        float(np.mean([c.Q for c in cands])),
+        div,
+    )
     write_latest(run.dir)

@@ -9,18 +9,17 @@ record per method and example, resumable) and ``cases/<name>.md``, where
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
 from esm_steer.engine import require_steering
-from esm_steer.io import atomic_write_text
-from esm_steer.runs import Run, RunError
-from esm_steer.splits import check_no_overlap
-
 from esm_steer.evaluate import records as R
 from esm_steer.evaluate import report
 from esm_steer.evaluate.eval import generate_records, make_generator, resolve_artifact_dir
+from esm_steer.io import atomic_write_text
+from esm_steer.runs import Run, RunError
+from esm_steer.splits import check_no_overlap
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,9 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     from esm_steer.esm import common
 
     if not cfg.eval.example_ids:
-        raise RunError("esm-case needs eval.example_ids, e.g. eval.example_ids=[0,6] (ids or positions in the eval split)")
+        raise RunError(
+            "esm-case needs eval.example_ids, e.g. eval.example_ids=[0,6] (ids or positions in the eval split)"
+        )
     t_max = int(cfg.decode.max_new_tokens)
     methods = list(cfg.eval.methods)
     require_steering(cfg.model.backend if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
@@ -99,13 +100,26 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     engine = engine if engine is not None else common.build_engine(cfg)
     prompts = common.prompt_ids(engine, cfg, examples)
     name = case_name(cfg)
-    appender = R.open_records(R.per_example_path(run.dir, name), R.fingerprint(cfg, methods, artifact_dir),
-                              key=lambda r: (r["method"], r["id"]))  # fmt: skip
+    appender = R.open_records(
+        R.per_example_path(run.dir, name),
+        R.fingerprint(cfg, methods, artifact_dir),
+        key=lambda r: (r["method"], r["id"]),
+    )
     cache: dict = {}
     for m in methods:
         generate, to_record = make_generator(m, engine, cfg, artifact_dir, cache)
-        generate_records(examples, prompts, generate, to_record, appender, cfg.task.dataset, int(cfg.model.batch_size),
-                         method=m, key=lambda ex, m=m: (m, str(ex.id)), desc=f"case {m}")  # fmt: skip
+        generate_records(
+            examples,
+            prompts,
+            generate,
+            to_record,
+            appender,
+            cfg.task.dataset,
+            int(cfg.model.batch_size),
+            method=m,
+            key=lambda ex, m=m: (m, str(ex.id)),
+            desc=f"case {m}",
+        )
 
     by_method: dict[str, dict[str, dict]] = {m: {} for m in methods}
     for r in appender.records:
@@ -120,5 +134,9 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     path = atomic_write_text(run.path("cases", f"{name}.md"), md)
     log.info("case file: %s (%d examples x %d methods)", path, len(examples), len(methods))
     for eid in [str(e.id) for e in examples]:
-        log.info("  %s: %s", eid, "  ".join(f"{m}={'✓' if by_method[m].get(eid, {}).get('correct') else '✗'}" for m in methods))
+        log.info(
+            "  %s: %s",
+            eid,
+            "  ".join(f"{m}={'✓' if by_method[m].get(eid, {}).get('correct') else '✗'}" for m in methods),
+        )
     return by_method

@@ -26,18 +26,17 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from esm_steer.engine import require_steering
+from esm_steer.evaluate import records as R
+from esm_steer.evaluate import report
 from esm_steer.io import JsonlAppender, atomic_write_json
 from esm_steer.runs import Run, RunError, resolve_run_path
 from esm_steer.splits import check_no_overlap
-
-from esm_steer.evaluate import records as R
-from esm_steer.evaluate import report
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +86,14 @@ def resolve_artifact_dir(cfg: DictConfig, run: Run, run_offline: Callable[[], No
     if cfg.eval.run_offline_if_missing:
         missing = [f"{d}/" for d in ARTIFACT_DIRS if not ((run.dir / d).is_dir() and any((run.dir / d).iterdir()))]
         online = [m for m in eval_methods(cfg) if m in R.ONLINE_METHODS]
-        log.info("eval.run_offline_if_missing=true and %s lacks %s (needed by %s): running the offline stages %s "
-                 "into this run dir first", run.dir, " and ".join(missing), ", ".join(online), " -> ".join(OFFLINE_STAGES))  # fmt: skip
+        log.info(
+            "eval.run_offline_if_missing=true and %s lacks %s (needed by %s): running the offline stages %s "
+            "into this run dir first",
+            run.dir,
+            " and ".join(missing),
+            ", ".join(online),
+            " -> ".join(OFFLINE_STAGES),
+        )
         (run_offline or (lambda: run_offline_stages(cfg, run)))()
         if not has_artifacts(run.dir):
             raise RunError(f"the offline stages ran but {run.dir} still lacks library/ or memory/")
@@ -181,7 +186,13 @@ def generate_records(
     key = key or (lambda ex: str(ex.id))
     todo = [(ex, p) for ex, p in zip(examples, prompts) if key(ex) not in appender.done_keys]
     if len(todo) < len(examples):
-        log.info("%s: %d of %d examples already in %s; resuming", desc, len(examples) - len(todo), len(examples), appender.path)
+        log.info(
+            "%s: %d of %d examples already in %s; resuming",
+            desc,
+            len(examples) - len(todo),
+            len(examples),
+            appender.path,
+        )
     extra = {"method": method} if method else {}
     total = 0.0
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc, leave=False)
@@ -194,7 +205,9 @@ def generate_records(
             dt = time.perf_counter() - t0
             recs = [to_record(ex, res, task, wall_s=dt / len(chunk), **extra) for (ex, _), res in zip(chunk, results)]
         except Exception as e:  # noqa: BLE001 - isolate the failing example, keep going
-            log.warning("%s: a chunk of %d failed (%s: %s); retrying one at a time", desc, len(chunk), type(e).__name__, e)
+            log.warning(
+                "%s: a chunk of %d failed (%s: %s); retrying one at a time", desc, len(chunk), type(e).__name__, e
+            )
             log.debug("%s", traceback.format_exc())
             recs = [_one(ex, p, generate, to_record, task, extra, desc) for ex, p in chunk]
             dt = time.perf_counter() - t0
@@ -228,6 +241,7 @@ def _override_key(item: str) -> str:
 def best_of_overrides(job_overrides: Sequence[str], current: Sequence[str]) -> list[str]:
     """The winning job's overrides, then this command's (a key given here replaces the job's),
     then ``eval.split=test``; sweep plumbing (hydra.*, launch.*, outputs ids) and the split dropped."""
+
     def keep(o: str) -> bool:
         k = _override_key(o)
         return "=" in str(o) and not any(k == d or k.startswith((d + ".", d + "/")) for d in _BEST_OF_DROP)
@@ -265,8 +279,9 @@ def apply_best_of(cfg: DictConfig, run: Run) -> DictConfig:
     path = sweep / "tables" / suite.SUITE_RANKING
     ranking = pd.read_csv(path) if path.exists() else suite.rank_configurations(sweep)
     if ranking is None or len(ranking) == 0:
-        raise RunError(f"eval.best_of={given}: no finished job with an esm row in {sweep} "
-                       f"(tables/{suite.SUITE_RANKING})")
+        raise RunError(
+            f"eval.best_of={given}: no finished job with an esm row in {sweep} (tables/{suite.SUITE_RANKING})"
+        )
     best = ranking.iloc[0]
     if str(best["split"]) == "test":
         raise RunError(f"eval.best_of={given}: the suite was ranked on the test split; tune with eval.split=val")
@@ -285,16 +300,31 @@ def apply_best_of(cfg: DictConfig, run: Run) -> DictConfig:
         new.eval.best_of = None
     validate(new)
     num = lambda k: None if pd.isna(best.get(k)) else float(best[k])  # noqa: E731
-    info = {"suite_dir": str(sweep.resolve()), "ranking": str(path), "job_num": int(best["job_num"]),
-            "job_dir": str(job.dir), "ranked_on_split": str(best["split"]), "ranked_jobs": int(len(ranking)),
-            "method": str(best["method"]), **{k: num(k) for k in ("accuracy", "delta_vs_greedy", "delta_ci_low",
-            "delta_ci_high")}, "overrides": overrides}  # fmt: skip
+    info = {
+        "suite_dir": str(sweep.resolve()),
+        "ranking": str(path),
+        "job_num": int(best["job_num"]),
+        "job_dir": str(job.dir),
+        "ranked_on_split": str(best["split"]),
+        "ranked_jobs": int(len(ranking)),
+        "method": str(best["method"]),
+        **{k: num(k) for k in ("accuracy", "delta_vs_greedy", "delta_ci_low", "delta_ci_high")},
+        "overrides": overrides,
+    }
     atomic_write_json(run.path("best_of.json"), info)
     atomic_write_json(run.path("config_resolved.json"), OmegaConf.to_container(new, resolve=True))
-    log.info("eval.best_of: running job %d of %s (rank 1 of %d by %s accuracy on %s: %.3f, Δ vs greedy %s) on the "
-             "test split with: %s", info["job_num"], sweep, len(ranking), info["method"], info["ranked_on_split"],
-             info["accuracy"], "-" if info["delta_vs_greedy"] is None else f"{info['delta_vs_greedy']:+.3f}",
-             " ".join(overrides))  # fmt: skip
+    log.info(
+        "eval.best_of: running job %d of %s (rank 1 of %d by %s accuracy on %s: %.3f, Δ vs greedy %s) on the "
+        "test split with: %s",
+        info["job_num"],
+        sweep,
+        len(ranking),
+        info["method"],
+        info["ranked_on_split"],
+        info["accuracy"],
+        "-" if info["delta_vs_greedy"] is None else f"{info['delta_vs_greedy']:+.3f}",
+        " ".join(overrides),
+    )
     return new
 
 
@@ -340,8 +370,13 @@ def shared_greedy_dir(cfg: DictConfig, run: Run, artifact_dir: Path | None) -> P
     return Path(artifact_dir) / "eval" / f"greedy_{common.eval_split(cfg)}_T{int(cfg.decode.max_new_tokens)}_{digest}"
 
 
-def sync_shared_greedy(shared: Path, fp: dict, appender: JsonlAppender, ids: Sequence[str],
-                       generate_missing: Callable[[JsonlAppender], float] | None = None) -> float:  # fmt: skip
+def sync_shared_greedy(
+    shared: Path,
+    fp: dict,
+    appender: JsonlAppender,
+    ids: Sequence[str],
+    generate_missing: Callable[[JsonlAppender], float] | None = None,
+) -> float:
     """Under the shared dir's lock: generate what the shared store lacks (when asked), then copy
     this run's examples from it into the run's own records. Returns the generation seconds."""
     with locked(shared):
@@ -365,8 +400,11 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     methods = eval_methods(cfg)
     require_steering(cfg.model.backend if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
     if cfg.online.variant != "esm" and "esm" in cfg.eval.methods:
-        log.info("online.variant=%s: method esm runs that variant (its row is labelled %s)",
-                 cfg.online.variant, cfg.online.variant)
+        log.info(
+            "online.variant=%s: method esm runs that variant (its row is labelled %s)",
+            cfg.online.variant,
+            cfg.online.variant,
+        )
 
     artifact_dir = None
     if any(m in R.ONLINE_METHODS for m in methods):
@@ -376,9 +414,18 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     examples = common.load_examples(cfg, common.eval_split(cfg))
     check_no_overlap(artifact_dir, examples)  # never score questions the artifacts were mined on
     ids = [str(ex.id) for ex in examples]
-    log.info("eval: %d examples of %s/%s, T_max=%d, methods %s", len(examples), cfg.task.dataset, common.eval_split(cfg), t_max, methods)
+    log.info(
+        "eval: %d examples of %s/%s, T_max=%d, methods %s",
+        len(examples),
+        cfg.task.dataset,
+        common.eval_split(cfg),
+        t_max,
+        methods,
+    )
     tags = {m: R.method_tag(m, t_max, cfg.eval.tag) for m in methods}
-    appenders = {m: R.open_records(R.per_example_path(run.dir, tags[m]), R.fingerprint(cfg, [m], artifact_dir)) for m in methods}
+    appenders = {
+        m: R.open_records(R.per_example_path(run.dir, tags[m]), R.fingerprint(cfg, [m], artifact_dir)) for m in methods
+    }
     shared = shared_greedy_dir(cfg, run, artifact_dir) if "greedy" in methods else None
     if shared is not None:  # what another job of the sweep already generated
         sync_shared_greedy(shared, R.fingerprint(cfg, ["greedy"], None), appenders["greedy"], ids)
@@ -396,9 +443,17 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         wall = 0.0
         if any(i not in appender.done_keys for i in ids):
             generate, to_record = make_generator(method, engine, cfg, artifact_dir, cache)
-            gen = lambda app: generate_records(  # noqa: E731
-                examples, prompts, generate, to_record, app, cfg.task.dataset, int(cfg.model.batch_size),
-                desc=f"eval {method}")  # fmt: skip
+            # bound now (default args): the function runs within this loop iteration only
+            gen = lambda app, generate=generate, to_record=to_record, method=method: generate_records(  # noqa: E731
+                examples,
+                prompts,
+                generate,
+                to_record,
+                app,
+                cfg.task.dataset,
+                int(cfg.model.batch_size),
+                desc=f"eval {method}",
+            )
             if method == "greedy" and shared is not None:  # into the shared store, under its lock
                 wall = sync_shared_greedy(shared, R.fingerprint(cfg, ["greedy"], None), appender, ids, gen)
             else:
@@ -409,14 +464,24 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         atomic_write_json(
             run.path("eval", tag, "meta.json"),
             {
-                "method": method, "model_id": model_id_of(engine, run, tags.values()), "T_max": t_max, "n": len(by_method[method]), "artifact_run_dir": str(artifact_dir) if method != "greedy" else None,
+                "method": method,
+                "model_id": model_id_of(engine, run, tags.values()),
+                "T_max": t_max,
+                "n": len(by_method[method]),
+                "artifact_run_dir": str(artifact_dir) if method != "greedy" else None,
                 "online": OmegaConf.to_container(online_cfg_for(cfg, method)) if method != "greedy" else None,
                 "shared_greedy_dir": str(shared) if method == "greedy" and shared is not None else None,
-                "wall_s_this_invocation": wall, "wall_s_total": sum(r.get("wall_s", 0.0) for r in by_method[method]),
+                "wall_s_this_invocation": wall,
+                "wall_s_total": sum(r.get("wall_s", 0.0) for r in by_method[method]),
             },
-        )  # fmt: skip
-        log.info("eval %s: accuracy %.3f on %d (%.1fs generation this run)", method,
-                 report.summarize(by_method[method])["accuracy"], len(by_method[method]), wall)  # fmt: skip
+        )
+        log.info(
+            "eval %s: accuracy %.3f on %d (%.1fs generation this run)",
+            method,
+            report.summarize(by_method[method])["accuracy"],
+            len(by_method[method]),
+            wall,
+        )
 
     write_reports(cfg, run, by_method, model_id=model_id_of(engine, run, tags.values()), artifact_dir=artifact_dir)
     warn_truncation(by_method, t_max)
@@ -440,9 +505,15 @@ def warn_truncation(by_method: dict, t_max: int) -> None:
     for method, recs in by_method.items():
         rate = report.summarize(recs)["truncation_rate"] if recs else 0.0
         if rate > report.TRUNCATION_WARN_RATE:
-            log.warning("eval %s: %.0f%% of %d responses stopped at T_max=%d (finish_reason=length, > %.0f%%): "
-                        "raise decode.max_new_tokens (default task.budget)", method, 100 * rate, len(recs), t_max,
-                        100 * report.TRUNCATION_WARN_RATE)  # fmt: skip
+            log.warning(
+                "eval %s: %.0f%% of %d responses stopped at T_max=%d (finish_reason=length, > %.0f%%): "
+                "raise decode.max_new_tokens (default task.budget)",
+                method,
+                100 * rate,
+                len(recs),
+                t_max,
+                100 * report.TRUNCATION_WARN_RATE,
+            )
 
 
 def model_id_of(engine, run: Run, tags) -> str | None:
@@ -462,11 +533,18 @@ def model_id_of(engine, run: Run, tags) -> str | None:
     return None
 
 
-def write_reports(cfg: DictConfig, run: Run, by_method: dict, model_id: str | None = None, artifact_dir: Path | None = None):
+def write_reports(
+    cfg: DictConfig, run: Run, by_method: dict, model_id: str | None = None, artifact_dir: Path | None = None
+):
     t_max = int(cfg.decode.max_new_tokens)
     model = model_id or str(cfg.model.name_or_path)
-    common_args = dict(dataset=str(cfg.task.dataset), model=model, t_max=t_max,
-                       bootstrap_samples=int(cfg.eval.bootstrap_samples), seed=int(cfg.seed))  # fmt: skip
+    common_args = dict(
+        dataset=str(cfg.task.dataset),
+        model=model,
+        t_max=t_max,
+        bootstrap_samples=int(cfg.eval.bootstrap_samples),
+        seed=int(cfg.seed),
+    )
     main_methods = [m for m in dict.fromkeys(method_label(cfg, m) for m in cfg.eval.methods) if m in by_method]
     main = report.results_table(by_method, main_methods, **common_args)
     report.write_csv(main, run.path("tables", "main_results_single.csv"))
@@ -477,13 +555,20 @@ def write_reports(cfg: DictConfig, run: Run, by_method: dict, model_id: str | No
         abl = report.results_table(by_method, abl_methods, **common_args)
         report.write_csv(abl, run.path("tables", "ablation.csv"))
     diag = report.write_diagnostics(
-        by_method, run.path("tables"), t_max,
-        extra={"dataset": str(cfg.task.dataset), "model": model, "artifact_run_dir": str(artifact_dir) if artifact_dir else None},
-    )  # fmt: skip
-    figures = (("tokens histogram", lambda: report.tokens_histogram(by_method, run.path("figures"), t_max)),
-               ("accuracy vs budget", lambda: report.accuracy_vs_budget(by_method, run.path("figures"), t_max)),
-               ("steering diagnostics",
-                lambda: report.steering_diagnostics_figure(diag, run.path("figures"), t_max)))  # fmt: skip
+        by_method,
+        run.path("tables"),
+        t_max,
+        extra={
+            "dataset": str(cfg.task.dataset),
+            "model": model,
+            "artifact_run_dir": str(artifact_dir) if artifact_dir else None,
+        },
+    )
+    figures = (
+        ("tokens histogram", lambda: report.tokens_histogram(by_method, run.path("figures"), t_max)),
+        ("accuracy vs budget", lambda: report.accuracy_vs_budget(by_method, run.path("figures"), t_max)),
+        ("steering diagnostics", lambda: report.steering_diagnostics_figure(diag, run.path("figures"), t_max)),
+    )
     for name, draw in figures:
         try:
             draw()
@@ -491,8 +576,15 @@ def write_reports(cfg: DictConfig, run: Run, by_method: dict, model_id: str | No
             log.warning("%s figure failed: %s: %s", name, type(e).__name__, e)
     esm = method_label(cfg, "esm")
     if "greedy" in by_method and esm in by_method:
-        path = report.write_cases(by_method["greedy"], by_method[esm], run.path("cases", f"cases_T{t_max}.md"), t_max,
-                                  int(cfg.eval.max_cases), str(cfg.control_points.segment_delimiter), esm)  # fmt: skip
+        path = report.write_cases(
+            by_method["greedy"],
+            by_method[esm],
+            run.path("cases", f"cases_T{t_max}.md"),
+            t_max,
+            int(cfg.eval.max_cases),
+            str(cfg.control_points.segment_delimiter),
+            esm,
+        )
         log.info("cases: %s", path)
     log.info("main results (%s):\n%s", run.path("tables", "main_results_single.csv"), report.format_table(main))
     if abl is not None:

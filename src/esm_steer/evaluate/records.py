@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from esm_steer import provenance
 from esm_steer.io import read_jsonl
@@ -25,9 +26,18 @@ if TYPE_CHECKING:
 
 FINISH_ERROR = "error"  # generation raised; the record keeps the message in "error"
 RECORD_FIELDS = (
-    "id", "question", "gold", "response", "pred", "correct", "finish_reason",
-    "tokens_used", "probe_tokens_used", "budget_used", "steps",
-)  # fmt: skip
+    "id",
+    "question",
+    "gold",
+    "response",
+    "pred",
+    "correct",
+    "finish_reason",
+    "tokens_used",
+    "probe_tokens_used",
+    "budget_used",
+    "steps",
+)
 ONLINE_METHODS = ("esm", "no_memory", "no_probing", "static")  # methods that run the online policy
 
 
@@ -157,14 +167,17 @@ def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) ->
     }
     if any(m in ONLINE_METHODS for m in methods):
         # variant: the method names it; static_vector matters to static only
-        fp["online"] = {k: v for k, v in plain(cfg.online).items()
-                        if k != "variant" and (k != "static_vector" or "static" in methods)}  # fmt: skip
+        fp["online"] = {
+            k: v
+            for k, v in plain(cfg.online).items()
+            if k != "variant" and (k != "static_vector" or "static" in methods)
+        }
         fp["control_points"] = plain(cfg.control_points)
         fp["artifact_run_dir"] = str(Path(artifact_dir).resolve()) if artifact_dir else None
     return jsonable(fp)
 
 
-def open_records(path: str | Path, fp: dict, key: Any = "id") -> "JsonlAppender":
+def open_records(path: str | Path, fp: dict, key: Any = "id") -> JsonlAppender:
     """The resumable record log at ``path``; RunError (one line) when records already there
     were made under another fingerprint, so a rerun never silently mixes settings."""
     from esm_steer.io import JsonlAppender

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,10 +20,24 @@ from esm_steer.io import atomic_save, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = [
-    "dataset", "model", "method", "T_max", "n", "accuracy", "ci_low", "ci_high",
-    "mean_tokens", "mean_budget", "truncation_rate", "n_errors", "probe_overhead", "wall_s",
-    "delta_vs_greedy", "delta_ci_low", "delta_ci_high",
-]  # fmt: skip
+    "dataset",
+    "model",
+    "method",
+    "T_max",
+    "n",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "mean_tokens",
+    "mean_budget",
+    "truncation_rate",
+    "n_errors",
+    "probe_overhead",
+    "wall_s",
+    "delta_vs_greedy",
+    "delta_ci_low",
+    "delta_ci_high",
+]
 # a run whose share of finish_reason=length responses exceeds this ends with a warning naming
 # the budget key to raise (eval: decode.max_new_tokens; mine: offline_mine.max_new_tokens)
 TRUNCATION_WARN_RATE = 0.2
@@ -134,12 +149,33 @@ def write_csv(df, path: str | Path) -> Path:
 
 def format_table(df) -> str:
     """A compact fixed-width text table for the log."""
-    cols = ["method", "n", "accuracy", "ci_low", "ci_high", "mean_tokens", "mean_budget", "truncation_rate",
-            "probe_overhead", "wall_s", "delta_vs_greedy", "delta_ci_low", "delta_ci_high"]  # fmt: skip
-    short = {"truncation_rate": "trunc", "probe_overhead": "probe/used", "mean_tokens": "tokens",
-             "mean_budget": "budget",
-             "delta_vs_greedy": "Δ_greedy", "delta_ci_low": "Δ_lo", "delta_ci_high": "Δ_hi",
-             "accuracy": "acc", "ci_low": "acc_lo", "ci_high": "acc_hi"}  # fmt: skip
+    cols = [
+        "method",
+        "n",
+        "accuracy",
+        "ci_low",
+        "ci_high",
+        "mean_tokens",
+        "mean_budget",
+        "truncation_rate",
+        "probe_overhead",
+        "wall_s",
+        "delta_vs_greedy",
+        "delta_ci_low",
+        "delta_ci_high",
+    ]
+    short = {
+        "truncation_rate": "trunc",
+        "probe_overhead": "probe/used",
+        "mean_tokens": "tokens",
+        "mean_budget": "budget",
+        "delta_vs_greedy": "Δ_greedy",
+        "delta_ci_low": "Δ_lo",
+        "delta_ci_high": "Δ_hi",
+        "accuracy": "acc",
+        "ci_low": "acc_lo",
+        "ci_high": "acc_hi",
+    }
 
     def fmt(v: Any) -> str:
         if isinstance(v, (float, np.floating)):
@@ -174,8 +210,11 @@ def _stats(values: Sequence[float]) -> dict:
 def versus_greedy(records: Sequence[dict], greedy: Sequence[dict] | None) -> dict:
     """Does steering act? Over the examples both ran (by id): the share whose token_ids differ
     from greedy's (None when either lacks token_ids), and the paired flips of correctness."""
-    out: dict[str, Any] = {"differ_from_greedy": None, "flips_greedy_right_to_wrong": None,
-                           "flips_greedy_wrong_to_right": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "differ_from_greedy": None,
+        "flips_greedy_right_to_wrong": None,
+        "flips_greedy_wrong_to_right": None,
+    }
     if not greedy:
         return out
     g_by_id = {r["id"]: r for r in greedy}
@@ -197,15 +236,21 @@ def probe_gaps(steps: Sequence[dict]) -> list[float]:
         null = next((c for c in cands if c.get("tool") is None), None)
         if null is None or null.get("logprob") is None:
             continue
-        out += [abs(float(c["logprob"]) - float(null["logprob"])) for c in cands
-                if c.get("tool") is not None and c.get("logprob") is not None]  # fmt: skip
+        out += [
+            abs(float(c["logprob"]) - float(null["logprob"]))
+            for c in cands
+            if c.get("tool") is not None and c.get("logprob") is not None
+        ]
     return out
 
 
 def inject_ratios(steps: Sequence[dict]) -> list[float]:
     """‖k_scale·Score·v‖ / ‖h_ℓ‖ of every step that injected a vector (h_ℓ: the key, unsteered)."""
-    return [float(s["inject_norm"]) / float(s["h_norm"]) for s in steps
-            if (s.get("inject_norm") or 0) > 0 and (s.get("h_norm") or 0) > 0]  # fmt: skip
+    return [
+        float(s["inject_norm"]) / float(s["h_norm"])
+        for s in steps
+        if (s.get("inject_norm") or 0) > 0 and (s.get("h_norm") or 0) > 0
+    ]
 
 
 def diagnose(records: Sequence[dict], greedy: Sequence[dict] | None = None) -> dict:
@@ -269,7 +314,9 @@ def diagnostics_frame(diag: Mapping[str, dict]):
     return df
 
 
-def write_diagnostics(by_method: Mapping[str, Sequence[dict]], out_dir: str | Path, t_max: int, extra: dict | None = None):
+def write_diagnostics(
+    by_method: Mapping[str, Sequence[dict]], out_dir: str | Path, t_max: int, extra: dict | None = None
+):
     greedy = by_method.get(BASELINE)
     diag = {m: diagnose(r, greedy if m != BASELINE else None) for m, r in by_method.items()}
     out_dir = Path(out_dir)
@@ -294,8 +341,14 @@ def tokens_histogram(by_method: Mapping[str, Sequence[dict]], out_dir: str | Pat
     styles = ["-", "--", "-.", ":"]
     for i, (m, recs) in enumerate(by_method.items()):
         # step outlines, thickest first and dashed, so that identical histograms stay visible
-        ax.hist([r["tokens_used"] for r in recs], bins=bins, histtype="step", linewidth=3.0 - 0.6 * min(i, 3),
-                linestyle=styles[i % len(styles)], label=f"{m} (n={len(recs)})")  # fmt: skip
+        ax.hist(
+            [r["tokens_used"] for r in recs],
+            bins=bins,
+            histtype="step",
+            linewidth=3.0 - 0.6 * min(i, 3),
+            linestyle=styles[i % len(styles)],
+            label=f"{m} (n={len(recs)})",
+        )
     ax.axvline(t_max, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("tokens used (kept)")
     ax.set_ylabel("examples")
@@ -329,8 +382,14 @@ def acc_vs_budget_figure(points: Sequence[dict], t_max: int):
     markers = "osD^vP*X"
     for i, p in enumerate(points):
         err = [[max(0.0, p["accuracy"] - p["ci_low"])], [max(0.0, p["ci_high"] - p["accuracy"])]]
-        ax.errorbar([p["mean_budget"]], [p["accuracy"]], yerr=err, fmt=markers[i % len(markers)], capsize=4,
-                    label=f"{p['method']} (n={p['n']})")  # fmt: skip
+        ax.errorbar(
+            [p["mean_budget"]],
+            [p["accuracy"]],
+            yerr=err,
+            fmt=markers[i % len(markers)],
+            capsize=4,
+            label=f"{p['method']} (n={p['n']})",
+        )
     ax.set_xlabel("mean budget (kept + probe tokens)")
     ax.set_ylabel("accuracy (95% Wilson CI)")
     ax.set_title(f"Accuracy vs compute, T_max={t_max}")
@@ -369,10 +428,20 @@ def steering_diagnostics_figure(diag: Mapping[str, dict], out_dir: str | Path, t
     axes[0].set_ylim(0, 1)
     axes[0].set_title("tokens differ from greedy", fontsize=9)
     w = 0.4
-    axes[1].bar(x - w / 2, [num(diag[m].get("flips_greedy_right_to_wrong")) for m in methods], w, color="tab:red",
-                label="greedy right → wrong")  # fmt: skip
-    axes[1].bar(x + w / 2, [num(diag[m].get("flips_greedy_wrong_to_right")) for m in methods], w, color="tab:green",
-                label="greedy wrong → right")  # fmt: skip
+    axes[1].bar(
+        x - w / 2,
+        [num(diag[m].get("flips_greedy_right_to_wrong")) for m in methods],
+        w,
+        color="tab:red",
+        label="greedy right → wrong",
+    )
+    axes[1].bar(
+        x + w / 2,
+        [num(diag[m].get("flips_greedy_wrong_to_right")) for m in methods],
+        w,
+        color="tab:green",
+        label="greedy wrong → right",
+    )
     axes[1].set_title("paired flips (examples)", fontsize=9)
     axes[1].legend(fontsize=7)
     axes[2].bar(x, [num((diag[m].get("inject_ratio") or {}).get("median")) for m in methods], color="tab:purple")
@@ -451,7 +520,9 @@ def retrieved_summary(retrieved: Sequence, max_tools: int = 3) -> str:
         if t not in best or (sim is not None and (best[t] is None or sim > best[t])):
             best[t] = sim
     tools = list(best)
-    out = ", ".join(f"{_tool(t)}:{_num(best[t])}" + (f" ×{count[t]}" if count[t] > 1 else "") for t in tools[:max_tools])
+    out = ", ".join(
+        f"{_tool(t)}:{_num(best[t])}" + (f" ×{count[t]}" if count[t] > 1 else "") for t in tools[:max_tools]
+    )
     return out + (f" (+{len(tools) - max_tools} tools)" if len(tools) > max_tools else "")
 
 
@@ -459,8 +530,10 @@ def steps_table(steps: Sequence[dict], max_retrieved: int = 4) -> str:
     """A markdown table of control points: gate, retrieved tools, candidate scores, choice."""
     if not steps:
         return "_no control points_\n"
-    lines = ["| m | offset | gate | retrieved (tool:sim) | candidates (tool: Â / logprob / score) | chosen | scale |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| m | offset | gate | retrieved (tool:sim) | candidates (tool: Â / logprob / score) | chosen | scale |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in steps:
         ret = retrieved_summary(s.get("retrieved") or [], max_retrieved)
         cands = "; ".join(
@@ -497,9 +570,14 @@ def improved_regressed(
 
 
 def cases_markdown(
-    base: Sequence[dict], treat: Sequence[dict], t_max: int, max_cases: int = 5, base_name: str = "greedy",
-    treat_name: str = "esm", delimiter: str | None = "\n\n",
-) -> str:  # fmt: skip
+    base: Sequence[dict],
+    treat: Sequence[dict],
+    t_max: int,
+    max_cases: int = 5,
+    base_name: str = "greedy",
+    treat_name: str = "esm",
+    delimiter: str | None = "\n\n",
+) -> str:
     """Improved and regressed examples side by side; the treated response carries its
     control-point markers (placed at the m-th ``delimiter``)."""
     improved, regressed = improved_regressed(base, treat)
@@ -520,15 +598,22 @@ def cases_markdown(
                     text = mark_response(text, steps, text_step_offsets(text, steps, delimiter))
                 parts.append(
                     f"\n**{name}** — pred `{r.get('pred')}`, {'correct' if r['correct'] else 'wrong'}, "
-                    f"{r['tokens_used']} tokens (+{r.get('probe_tokens_used', 0)} probe), finish={r['finish_reason']}\n\n"
-                    + _fence(text)
+                    f"{r['tokens_used']} tokens (+{r.get('probe_tokens_used', 0)} probe), "
+                    f"finish={r['finish_reason']}\n\n" + _fence(text)
                 )
             parts.append(f"\n{treat_name} steps:\n\n" + steps_table(t.get("steps") or []))
     return "".join(parts)
 
 
-def write_cases(base, treat, out_path: str | Path, t_max: int, max_cases: int = 5, delimiter: str | None = "\n\n",
-                treat_name: str = "esm") -> Path:  # fmt: skip
+def write_cases(
+    base,
+    treat,
+    out_path: str | Path,
+    t_max: int,
+    max_cases: int = 5,
+    delimiter: str | None = "\n\n",
+    treat_name: str = "esm",
+) -> Path:
     text = cases_markdown(base, treat, t_max, max_cases, treat_name=treat_name, delimiter=delimiter)
     return atomic_write_text(out_path, text)
 
@@ -543,9 +628,11 @@ def case_markdown(
     """Per example and method: the response with every control point marked at its place,
     then the steps (retrieved tools, candidate scores, choice). ``by_method[m][id]`` is a
     record; ``char_offsets[(m, id)]`` the char position of each of its steps."""
-    parts = [f"# {title}, T_max={t_max}\n\nMethods: {', '.join(by_method)}. Markers: "
-             "`⟦m=<control point> → <tool> ×<scale>⟧` where the tool's vector starts being injected "
-             "(`null`: no steering for that segment).\n"]  # fmt: skip
+    parts = [
+        f"# {title}, T_max={t_max}\n\nMethods: {', '.join(by_method)}. Markers: "
+        "`⟦m=<control point> → <tool> ×<scale>⟧` where the tool's vector starts being injected "
+        "(`null`: no steering for that segment).\n"
+    ]
     for ex in examples:
         eid = str(ex.id)
         parts.append(f"\n## {eid}\n\n**Question**\n\n{_fence(ex.question)}\n**Gold:** `{ex.gold}`\n")
@@ -559,7 +646,8 @@ def case_markdown(
             err = f", error: {r['error']}" if r.get("error") else ""
             parts.append(
                 f"\n### {m}\n\npred `{r.get('pred')}`, **{'correct' if r['correct'] else 'wrong'}**, "
-                f"{r['tokens_used']} tokens + {r.get('probe_tokens_used', 0)} probe = {r.get('budget_used', r['tokens_used'])} "
+                f"{r['tokens_used']} tokens + {r.get('probe_tokens_used', 0)} probe = "
+                f"{r.get('budget_used', r['tokens_used'])} "
                 f"budget, finish={r['finish_reason']}{err}\n\n" + _fence(text)
             )
             if m != BASELINE or steps:

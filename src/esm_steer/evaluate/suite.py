@@ -26,7 +26,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -54,7 +54,7 @@ class Job:
     status: str = "ok"
     error: str = ""
     gpu: str = ""
-    dataset: Optional[str] = None
+    dataset: str | None = None
     expects_tables: bool = True
     expects_ablation: bool = False
 
@@ -202,7 +202,7 @@ def _varying(jobs: list[Job], keys: list[str]) -> list[str]:
     return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
 
 
-def plot_suite(df, jobs: list[Job], path: str | Path) -> Optional[Path]:
+def plot_suite(df, jobs: list[Job], path: str | Path) -> Path | None:
     """Grouped bars: one group per job, one bar per method, 95% CI error bars."""
     import matplotlib
 
@@ -303,8 +303,13 @@ def aggregate_jobs(sweep_dir: str | Path, figure: bool = True) -> tuple[dict[str
         except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the tables
             log.warning("suite figure failed: %s: %s", type(e).__name__, e)
     n_ok = sum(j.status == "ok" for j in jobs)
-    log.info("suite: %d job(s), %d ok, %d failed; %s", len(jobs), n_ok, len(jobs) - n_ok,
-             ", ".join(str(p) for p in written.values()))  # fmt: skip
+    log.info(
+        "suite: %d job(s), %d ok, %d failed; %s",
+        len(jobs),
+        n_ok,
+        len(jobs) - n_ok,
+        ", ".join(str(p) for p in written.values()),
+    )
     for j in jobs:
         if j.status != "ok":
             log.warning("suite: job %d failed: %s", j.num, j.error)
@@ -317,8 +322,10 @@ def failure_line(jobs: list[Job], written: dict[str, Path]) -> str | None:
     if not failed:
         return None
     where = written.get("main", "the suite tables")
-    return (f"suite: {len(failed)} of {len(jobs)} job(s) failed (job {failed[0].num}: {failed[0].error}); "
-            f"every job's row, failed ones with their error, is in {where}")  # fmt: skip
+    return (
+        f"suite: {len(failed)} of {len(jobs)} job(s) failed (job {failed[0].num}: {failed[0].error}); "
+        f"every job's row, failed ones with their error, is in {where}"
+    )
 
 
 def _job_setting(job: Job, key: str, default: Any = None) -> Any:
@@ -332,7 +339,7 @@ def _job_setting(job: Job, key: str, default: Any = None) -> Any:
     return default if v is None else v
 
 
-def rank_configurations(sweep_dir: str | Path, jobs: Optional[list[Job]] = None, write: bool = True):
+def rank_configurations(sweep_dir: str | Path, jobs: list[Job] | None = None, write: bool = True):
     """``tables/suite_ranking.csv``: one row per finished job, ranked by the accuracy of its esm
     row (labelled online.variant) on the split it ran, best first, with the paired CI against
     greedy (ties: the higher CI low end, then the lower job number). None when no job has one."""
@@ -358,12 +365,24 @@ def rank_configurations(sweep_dir: str | Path, jobs: Optional[list[Job]] = None,
         if hit.empty:
             continue
         r = hit.iloc[0]
-        row: dict[str, Any] = {"job_num": job.num, **{_ov_col(k): job.overrides.get(k) for k in keys},
-                               "overrides": " ".join(job.override_list),
-                               "split": str(_job_setting(job, "eval.split", _job_setting(job, "task.eval_split", "?"))),
-                               "method": label}  # fmt: skip
-        for c in ("n", "accuracy", "ci_low", "ci_high", "delta_vs_greedy", "delta_ci_low", "delta_ci_high",
-                  "mean_tokens", "mean_budget"):  # fmt: skip
+        row: dict[str, Any] = {
+            "job_num": job.num,
+            **{_ov_col(k): job.overrides.get(k) for k in keys},
+            "overrides": " ".join(job.override_list),
+            "split": str(_job_setting(job, "eval.split", _job_setting(job, "task.eval_split", "?"))),
+            "method": label,
+        }
+        for c in (
+            "n",
+            "accuracy",
+            "ci_low",
+            "ci_high",
+            "delta_vs_greedy",
+            "delta_ci_low",
+            "delta_ci_high",
+            "mean_tokens",
+            "mean_budget",
+        ):
             row[c] = r.get(c)
         row["greedy_accuracy"] = greedy.iloc[0]["accuracy"] if not greedy.empty else math.nan
         row["job_dir"] = str(job.dir)
@@ -400,15 +419,18 @@ class SuiteCallback(Callback):
             written, jobs = aggregate_jobs(sweep_dir, figure=self.figure)
             problem = failure_line(jobs, written)
         except Exception:  # noqa: BLE001 - the jobs are done and on disk; say how to redo it
-            log.exception("suite aggregation of %s failed; rerun it with: python -m esm_steer.evaluate.suite %s",
-                          sweep_dir, sweep_dir)  # fmt: skip
+            log.exception(
+                "suite aggregation of %s failed; rerun it with: python -m esm_steer.evaluate.suite %s",
+                sweep_dir,
+                sweep_dir,
+            )
             problem = f"suite: the aggregation of {sweep_dir} failed (see the log)"
         if problem and self.exit_on_failure:
             print(problem, file=sys.stderr)
             sys.exit(1)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m esm_steer.evaluate.suite <sweep dir, e.g. outputs/_suite/<suite_id>>", file=sys.stderr)

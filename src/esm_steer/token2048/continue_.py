@@ -138,9 +138,17 @@ def run_continue(cfg, out: Path, engine) -> bool:
     log.info(
         "continue: shard %d/%d owns %d of %d chunk(s), %d to do (%d done before); n_cont=%d, max_new_tokens=%d, "
         "grader=%s, continue_finished=%s",
-        t.shard_index, t.num_shards, len(mine), n, len(todo), len(mine) - len(todo), t.n_cont, t.max_new_tokens,
-        grader_kind(cfg), t.continue_finished,
-    )  # fmt: skip
+        t.shard_index,
+        t.num_shards,
+        len(mine),
+        n,
+        len(todo),
+        len(mine) - len(todo),
+        t.n_cont,
+        t.max_new_tokens,
+        grader_kind(cfg),
+        t.continue_finished,
+    )
     if todo and callable(engine):
         engine = engine()
     for c in tqdm(todo, desc="continue chunks", unit="chunk", disable=None):
@@ -151,8 +159,14 @@ def run_continue(cfg, out: Path, engine) -> bool:
         acc = sum(r["is_correct"] for r in recs) / max(len(recs), 1)
         log.info(
             "continue: chunk %d/%d done: %d rollouts, acc %.3f, %d tokens in %.1f s (%.1f tok/s)",
-            c + 1, n, len(recs), acc, ntok, dt, ntok / max(dt, 1e-9),
-        )  # fmt: skip
+            c + 1,
+            n,
+            len(recs),
+            acc,
+            ntok,
+            dt,
+            ntok / max(dt, 1e-9),
+        )
     gone = shards.missing(parts_dir, n)
     if gone:
         msg = "continue: shard %d done; %d part(s) of other shards still missing: select waits for them"

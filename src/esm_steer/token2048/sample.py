@@ -34,8 +34,16 @@ log = logging.getLogger(__name__)
 
 # the columns dapo_row reads: a verl parquet is read without its other columns
 _VERL_COLUMNS = (
-    "prompt", "reward_model", "data_source", "extra_info", "id", "problem", "question", "answer", "solution"
-)  # fmt: skip
+    "prompt",
+    "reward_model",
+    "data_source",
+    "extra_info",
+    "id",
+    "problem",
+    "question",
+    "answer",
+    "solution",
+)
 
 
 def read_data_path(path_str: str) -> list[Example]:
@@ -77,8 +85,12 @@ def read_data_path(path_str: str) -> list[Example]:
     reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common()) or "none"
     log.info(
         "token2048.data_path=%s: loaded %d, skipped %d (%s); data_source: %s",
-        path, len(examples), sum(skipped.values()), reasons, ", ".join(f"{k} {v}" for k, v in sources.most_common()),
-    )  # fmt: skip
+        path,
+        len(examples),
+        sum(skipped.values()),
+        reasons,
+        ", ".join(f"{k} {v}" for k, v in sources.most_common()),
+    )
     if not examples:
         raise ConfigError(f"{key}: no usable rows (skipped: {reasons})")
     return examples
@@ -137,9 +149,18 @@ def run_sample(cfg, out: Path, engine, examples: list | None = None) -> bool:
     log.info(
         "sample: %d questions × %d prefixes of %d tokens (T=%.2f, top_p=%.2f); shard %d/%d owns %d of %d chunk(s), "
         "%d to do (%d done before)",
-        len(examples), t.n_prefix, t.prefix_tokens, t.temperature, t.top_p, t.shard_index, t.num_shards, len(mine), n,
-        len(todo), len(mine) - len(todo),
-    )  # fmt: skip
+        len(examples),
+        t.n_prefix,
+        t.prefix_tokens,
+        t.temperature,
+        t.top_p,
+        t.shard_index,
+        t.num_shards,
+        len(mine),
+        n,
+        len(todo),
+        len(mine) - len(todo),
+    )
     if todo and callable(engine):
         engine = engine()
     for c in tqdm(todo, desc="sample chunks", unit="chunk", disable=None):
@@ -186,7 +207,10 @@ def merge_stage1(parts_dir: Path, n: int, target: Path, pmeta: dict) -> Path:
     done = schema.read(target, ["prefix_finished", "error"]).to_pydict()
     log.info(
         "sample: wrote %s (%d rows; %d prefixes finished before %s tokens; %d failed)",
-        target, len(done["error"]), sum(done["prefix_finished"]), pmeta["token2048.prefix_tokens"],
+        target,
+        len(done["error"]),
+        sum(done["prefix_finished"]),
+        pmeta["token2048.prefix_tokens"],
         sum(e is not None for e in done["error"]),
-    )  # fmt: skip
+    )
     return target

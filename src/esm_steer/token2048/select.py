@@ -142,8 +142,12 @@ def run_select(cfg, out: Path) -> dict:
     log.info(
         "select: %d questions; best acc mean %.3f (max %.3f, min %.3f); mean acc of all prefixes %.3f; "
         "gap best - mean %.3f",
-        summary["num_questions"], summary["mean_best_acc"], summary["max_best_acc"], summary["min_best_acc"],
-        summary["mean_all_acc"], summary["gap_best_minus_mean"],
-    )  # fmt: skip
+        summary["num_questions"],
+        summary["mean_best_acc"],
+        summary["max_best_acc"],
+        summary["min_best_acc"],
+        summary["mean_all_acc"],
+        summary["gap_best_minus_mean"],
+    )
     log.info("select: wrote %s, %s, %s", out / schema.FINAL, out / schema.SUMMARY, out / schema.PLOT)
     return summary
