@@ -149,21 +149,8 @@ def write_csv(df, path: str | Path) -> Path:
 
 def format_table(df) -> str:
     """A compact fixed-width text table for the log."""
-    cols = [
-        "method",
-        "n",
-        "accuracy",
-        "ci_low",
-        "ci_high",
-        "mean_tokens",
-        "mean_budget",
-        "truncation_rate",
-        "probe_overhead",
-        "wall_s",
-        "delta_vs_greedy",
-        "delta_ci_low",
-        "delta_ci_high",
-    ]
+    # the table's columns, less those the header line names once (and n_errors: 0 in a good run)
+    cols = [c for c in TABLE_COLUMNS if c not in ("dataset", "model", "T_max", "n_errors")]
     short = {
         "truncation_rate": "trunc",
         "probe_overhead": "probe/used",
