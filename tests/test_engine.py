@@ -8,7 +8,7 @@ import torch
 
 from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, DecodeBatch, Engine, SamplingSpec
 from esm_steer.engine.hf import HFEngine, mix_seed
-from esm_steer.esm.segments import control_point_offsets, token_pieces
+from esm_steer.engine.segments import control_point_offsets, token_pieces
 
 
 @pytest.fixture(scope="module")

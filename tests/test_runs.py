@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from esm_steer.esm.segments import SegmentTracker, control_point_offsets, segment_spans
+from esm_steer.engine.segments import SegmentTracker, control_point_offsets, segment_spans
 from esm_steer.io import JsonlAppender, atomic_write_json, read_jsonl
 from esm_steer.runs import RunError, read_latest, resolve_run_id, resolve_run_path, write_latest
 

@@ -13,7 +13,7 @@ the HF backend:
   hooks, and the HF pass is the very code of the HF path, so keys and vectors equal its values
   at the same dtype (tested). Memory split on a GPU: vLLM takes ``model.gpu_memory_utilization``
   of the card (weights + KV cache) at start; the HF copy needs its weights plus one chunk of
-  activations (``hf._TOKENS_PER_FORWARD`` tokens up to layer ℓ), so lower that fraction to leave
+  activations (``hf.engine._TOKENS_PER_FORWARD`` tokens up to layer ℓ), so lower that fraction to leave
   them free. On CPU, vLLM's KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 2 here), and the
   in-process engine drops torch to one thread, which the HF pass then shares.
 - Randomness: vLLM is seeded once, on the engine (a per-request ``SamplingParams(seed=)``

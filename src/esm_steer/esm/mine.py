@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 
 from esm_steer import provenance
 from esm_steer.engine.base import FINISH_LENGTH, SamplingSpec
+from esm_steer.engine.segments import control_point_offsets, segment_spans, token_pieces
 from esm_steer.esm import common
 from esm_steer.esm.library import load_steering, prune_steering, save_steering, steering_files
-from esm_steer.esm.segments import control_point_offsets, segment_spans, token_pieces
 from esm_steer.evaluate.report import TRUNCATION_WARN_RATE
 from esm_steer.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from esm_steer.runs import RunError, write_latest

@@ -1,0 +1,398 @@
+"""The decode batch of the transformers backend: rows over one KV cache (layout: ``esm_steer.engine.hf``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP
+from esm_steer.engine.hf.sampling import _sample
+from esm_steer.engine.hf.state import _HookContext, _Row
+from esm_steer.engine.segments import SegmentTracker
+
+if TYPE_CHECKING:
+    from esm_steer.engine.hf.engine import HFEngine
+
+
+class HFDecodeBatch:
+    """Rows decoding together over one KV cache (implements ``base.DecodeBatch``).
+
+    Additions to the protocol: ``step(rows=..., force=...)`` (step a subset; force given
+    tokens), ``fork(..., seeds=...)``, ``at_control_point``, ``num_control_points``,
+    ``text``, ``prompt_len``, ``last_logits``, ``refresh``; ``max_new_tokens`` and ``stop``
+    given to ``start`` finish rows inside ``step`` before their last token is forwarded.
+    """
+
+    def __init__(
+        self,
+        engine: HFEngine,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        segment_delimiter: str | None = None,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] = (),
+    ):
+        if not prompts:
+            raise ValueError("start() needs at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("start() got an empty prompt")
+        self.engine = engine
+        self.device = engine.device
+        self.segment_delimiter = segment_delimiter
+        self.max_new_tokens = max_new_tokens
+        self.stop = tuple(s for s in stop if s)
+        self._rows: dict[int, _Row] = {}
+        self._order: list[int] = []  # handles in batch order: handle self._order[i] is at index i
+        self._index: dict[int, int] = {}
+        self._next_handle = 0
+        self._steer_mat: torch.Tensor | None = None
+        self._steer_dirty = False
+        for p, s in zip(prompts, seeds):
+            self._add_row(
+                _Row(
+                    prompt_len=len(p),
+                    generator=self._new_generator(s),
+                    tracker=SegmentTracker(segment_delimiter) if segment_delimiter else None,
+                )
+            )
+        with torch.inference_mode():
+            self._prefill(prompts)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _new_generator(self, seed: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int(seed))
+        return g
+
+    def _add_row(self, row: _Row) -> int:
+        h = self._next_handle
+        self._next_handle += 1
+        self._rows[h] = row
+        self._index[h] = len(self._order)
+        self._order.append(h)
+        return h
+
+    def _reindex(self) -> None:
+        self._index = {h: i for i, h in enumerate(self._order)}
+
+    def _row(self, row: int) -> _Row:
+        try:
+            return self._rows[row]
+        except KeyError:
+            raise KeyError(f"unknown or dropped row {row}") from None
+
+    def _live_index(self, row: int) -> int:
+        if row not in self._index:
+            state = self._row(row)
+            raise ValueError(f"row {row} is finished ({state.finish_reason}) and has left the batch")
+        return self._index[row]
+
+    def _steer_matrix(self) -> torch.Tensor | None:
+        """[B, hidden] steering of the rows in batch order; None when no row is steered."""
+        if self._steer_dirty:
+            vecs = [self._rows[h].steer for h in self._order]
+            if all(v is None for v in vecs):
+                self._steer_mat = None
+            else:
+                zero = torch.zeros(self.engine.hidden_size, dtype=self.engine.dtype, device=self.device)
+                self._steer_mat = torch.stack([zero if v is None else v for v in vecs])
+            self._steer_dirty = False
+        return self._steer_mat
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Run the rows' new tokens through the model; update logits and captured hidden."""
+        ctx = _HookContext(self._steer_matrix())
+        self.engine._hook_ctx = ctx
+        try:
+            out = self.engine.model(
+                input_ids=input_ids,
+                attention_mask=self._mask,
+                position_ids=position_ids,
+                **{self.engine.cache_kwarg: self._cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self.engine._hook_ctx = None
+        self._new_logits = out.logits[:, -1, :].float()
+        self._new_hidden = ctx.captured
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> None:
+        from transformers import DynamicCache
+
+        B, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, T), self.engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, T - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self._mask = mask
+        self._cache = DynamicCache(config=self.engine.model.config)
+        # positions count real tokens only (as transformers' generate does for left padding)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self._pos = mask.sum(-1)  # [B] position of each row's next token
+        self._forward(ids, positions)
+        self._logits, self._hidden = self._new_logits, self._new_hidden
+
+    def _select(self, index: torch.Tensor) -> None:
+        """Keep batch entries `index` (may repeat: forks) of every tensor, cache included."""
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask.index_select(0, index)
+        self._pos = self._pos.index_select(0, index)
+        self._logits = self._logits.index_select(0, index)
+        self._hidden = self._hidden.index_select(0, index)
+        self._steer_dirty = True
+
+    def _trim_left(self) -> None:
+        """Cut cache columns that are padding for every remaining row (after long rows left)."""
+        first = int(self._mask.argmax(-1).min())
+        if first == 0:
+            return
+        layers = getattr(self._cache, "layers", [])
+        if not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+            return  # sliding/static layers keep their own geometry
+        for layer in layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+        self._mask = self._mask[:, first:]
+
+    def _remove(self, rows: Sequence[int]) -> None:
+        """Take rows out of the tensors (their Python state stays readable)."""
+        gone = {r for r in rows if r in self._index}
+        if not gone:
+            return
+        for r in gone:
+            self._rows[r].final_hidden = self._hidden[self._index[r]].float().cpu()
+        keep = [i for i, h in enumerate(self._order) if h not in gone]
+        self._order = [self._order[i] for i in keep]
+        self._reindex()
+        if not self._order:
+            self._cache = None
+            return
+        self._select(torch.tensor(keep, dtype=torch.long, device=self.device))
+        self._trim_left()
+
+    # ------------------------------------------------------------------ protocol
+
+    def active_rows(self) -> list[int]:
+        return sorted(self._order)  # handles grow with creation
+
+    def tokens(self, row: int) -> list[int]:
+        return self._row(row).tokens
+
+    def logprobs(self, row: int) -> list[float]:
+        return self._row(row).logprobs
+
+    def finish_reason(self, row: int) -> str | None:
+        return self._row(row).finish_reason
+
+    def prompt_len(self, row: int) -> int:
+        return self._row(row).prompt_len
+
+    def text(self, row: int) -> str:
+        """The row's generated text (special tokens skipped)."""
+        return self.engine.tokenizer.decode(self._row(row).tokens, skip_special_tokens=True)
+
+    def at_control_point(self, row: int) -> bool:
+        """True when the row's last decoded token completed ≥ 1 delimiter occurrence
+        (cleared the next time the row decodes a token)."""
+        return self._row(row).at_control_point
+
+    def num_control_points(self, row: int) -> int:
+        """Delimiter occurrences in the row's generated text so far (control point 0, the end
+        of the prompt, not counted)."""
+        tracker = self._row(row).tracker
+        if tracker is None:
+            raise ValueError("num_control_points needs start(segment_delimiter=...)")
+        return tracker.count
+
+    def last_hidden(self, row: int) -> torch.Tensor:
+        state = self._row(row)
+        if row not in self._index:
+            return state.final_hidden
+        return self._hidden[self._index[row]].float().cpu()
+
+    def last_logits(self, row: int) -> torch.Tensor:
+        """Raw (steered) float32 logits the row's next token will be drawn from ([vocab], on device)."""
+        return self._logits[self._live_index(row)]
+
+    def set_steer(self, row: int, vector: torch.Tensor | None) -> None:
+        self._live_index(row)
+        if vector is not None:
+            vector = torch.as_tensor(vector).detach().reshape(-1)
+            if vector.numel() != self.engine.hidden_size:
+                raise ValueError(
+                    f"steering vector has {vector.numel()} values, hidden size is {self.engine.hidden_size}"
+                )
+            vector = vector.to(device=self.device, dtype=self.engine.dtype)
+        self._rows[row].steer = vector
+        self._steer_dirty = True
+
+    def fork(self, row: int, n: int, seeds: Sequence[int] | None = None) -> list[int]:
+        """n exact copies of `row`. With `seeds`, copy k draws from a fresh generator seeded
+        seeds[k] (n independent samples); without, it continues the row's RNG state."""
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"fork: {n} rows but {len(seeds)} seeds")
+        return self.fork_many({row: n}, None if seeds is None else {row: seeds})[row]
+
+    def fork_many(
+        self, requests: dict[int, int], seeds: dict[int, Sequence[int]] | None = None
+    ) -> dict[int, list[int]]:
+        """Fork several rows at once ({row: n} -> {row: new rows}) with ONE select of the
+        cache, instead of one full cache copy per forked row."""
+        index = list(range(len(self._order)))
+        new: dict[int, list[int]] = {}
+        for row, n in requests.items():
+            i = self._live_index(row)
+            src = self._rows[row]
+            row_seeds = (seeds or {}).get(row)
+            new[row] = []
+            for k in range(max(n, 0)):
+                if row_seeds is not None:
+                    g = self._new_generator(row_seeds[k])
+                else:
+                    g = torch.Generator(device=self.device)
+                    g.set_state(src.generator.get_state())
+                new[row].append(self._add_row(src.clone(g)))
+                index.append(i)
+        if any(new.values()):
+            with torch.inference_mode():
+                self._select(torch.tensor(index, dtype=torch.long, device=self.device))
+        return new
+
+    def drop(self, rows: Sequence[int]) -> None:
+        """Remove rows for good: out of the tensors and forgotten (handles become invalid)."""
+        with torch.inference_mode():
+            self._remove(list(rows))
+        for r in rows:
+            self._rows.pop(r, None)
+
+    def finish(self, row: int, reason: str) -> None:
+        state = self._row(row)
+        if state.finish_reason is None:
+            state.finish_reason = reason
+        with torch.inference_mode():
+            self._remove([row])
+
+    def step(
+        self,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        rows: Sequence[int] | None = None,
+        force: dict[int, int] | None = None,
+    ) -> dict[int, int]:
+        """Decode one token for every active row (or only `rows`: the others sit this step out,
+        unchanged). `force` maps rows to tokens to emit instead of sampling (tests, replays)."""
+        with torch.inference_mode():
+            return self._step(temperature, top_p, rows, force or {})
+
+    def refresh(self) -> None:
+        """Recompute every row's last processed position with the current steering vectors
+        (one extra forward), so that a set_steer also changes the NEXT token's distribution
+        rather than the one after. Rows whose vector did not change get the same logits."""
+        if not self._order:
+            return
+        with torch.inference_mode():
+            last_col = self._mask[:, -1]
+            if not bool(last_col.all()):
+                raise ValueError("refresh() needs every row to have decoded in the last step")
+            self._cache.crop(-1)
+            self._mask = self._mask[:, :-1]
+            last = torch.tensor(
+                [self._rows[h].tokens[-1] if self._rows[h].tokens else -1 for h in self._order],
+                device=self.device,
+            )
+            if bool((last < 0).any()):
+                raise ValueError("refresh() after start(): re-start with the steering instead")
+            self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+            self._forward(last[:, None], (self._pos - 1)[:, None])
+            self._logits, self._hidden = self._new_logits, self._new_hidden
+
+    def _step(self, temperature, top_p, rows, force) -> dict[int, int]:
+        if not self._order:
+            return {}
+        if rows is None:
+            stepping = list(range(len(self._order)))
+        else:
+            stepping = sorted(self._live_index(r) for r in rows)
+            if not stepping:
+                return {}
+        all_rows = len(stepping) == len(self._order)
+        sel = None if all_rows else torch.tensor(stepping, dtype=torch.long, device=self.device)
+        logits = self._logits if all_rows else self._logits.index_select(0, sel)
+
+        if temperature <= 0.0:
+            chosen = logits.argmax(-1)
+        else:
+            gens = [self._rows[self._order[i]].generator for i in stepping]
+            chosen = _sample(logits, temperature, top_p, gens)
+        if force:
+            for k, i in enumerate(stepping):
+                h = self._order[i]
+                if h in force:
+                    chosen[k] = int(force[h])
+        logp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+        chosen_list, logp_list = chosen.tolist(), logp.tolist()
+
+        out: dict[int, int] = {}
+        finished: list[int] = []
+        for k, i in enumerate(stepping):
+            h = self._order[i]
+            if self._record(self._rows[h], chosen_list[k], logp_list[k]):
+                finished.append(h)
+            out[h] = chosen_list[k]
+        self._remove(finished)
+        if not self._order:
+            return out
+
+        # forward the new tokens of the rows still active; rows sitting out get a masked pad
+        self._forward_new_tokens(out)
+        return out
+
+    def _record(self, state: _Row, tok: int, lp: float) -> bool:
+        """Append a decoded token to a row; return True if the row finished."""
+        state.at_control_point = False
+        if tok in self.engine.eos_token_ids:
+            state.finish_reason = FINISH_STOP  # EOS is recorded in neither tokens nor text
+            return True
+        state.tokens.append(tok)
+        state.logprobs.append(lp)
+        if state.tracker is not None or self.stop:
+            piece = self.engine.tokenizer.decode([tok], skip_special_tokens=False)
+            if state.tracker is not None:
+                state.at_control_point = state.tracker.feed(piece) > 0
+            if self.stop:
+                start = max(0, len(state.text) - max(len(s) for s in self.stop) + 1)
+                state.text += piece
+                if any(s in state.text[start:] for s in self.stop):
+                    state.finish_reason = FINISH_STOP
+                    return True
+        if self.max_new_tokens is not None and len(state.tokens) >= self.max_new_tokens:
+            state.finish_reason = FINISH_LENGTH
+            return True
+        return False
+
+    def _forward_new_tokens(self, out: dict[int, int]) -> None:
+        B = len(self._order)
+        stepped = [h in out for h in self._order]
+        ids = torch.tensor(
+            [out[h] if h in out else self.engine.pad_id for h in self._order], dtype=torch.long, device=self.device
+        )
+        col = torch.tensor(stepped, dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, col[:, None]], dim=1)
+        self._forward(ids[:, None], self._pos[:, None])
+        self._pos = self._pos + col
+        if all(stepped):
+            self._logits, self._hidden = self._new_logits, self._new_hidden
+        else:  # rows that sat out keep their logits and hidden state
+            keep = col.bool()[:, None]
+            self._logits = torch.where(keep, self._new_logits, self._logits)
+            self._hidden = torch.where(keep, self._new_hidden, self._hidden)
+        assert self._logits.shape[0] == B

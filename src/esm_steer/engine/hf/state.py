@@ -1,0 +1,46 @@
+"""Python-side state of a decode batch: one :class:`_Row` per row, and the :class:`_HookContext`
+that the engine's layer-ℓ hook shares with one forward of the batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from esm_steer.engine.segments import SegmentTracker
+
+
+@dataclass
+class _Row:
+    """Python-side state of one row (the tensors live in the batch, at the row's index)."""
+
+    prompt_len: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    steer: torch.Tensor | None = None  # [hidden], model dtype and device
+    tracker: SegmentTracker | None = None
+    text: str = ""  # decoded pieces, kept only when stop strings are checked
+    at_control_point: bool = False
+    finish_reason: str | None = None
+    final_hidden: torch.Tensor | None = None  # last_hidden kept when the row leaves the tensors
+
+    def clone(self, generator: torch.Generator) -> _Row:
+        return _Row(
+            prompt_len=self.prompt_len,
+            generator=generator,
+            tokens=list(self.tokens),
+            logprobs=list(self.logprobs),
+            steer=self.steer,  # never modified in place
+            tracker=self.tracker.copy() if self.tracker is not None else None,
+            text=self.text,
+            at_control_point=self.at_control_point,
+        )
+
+
+class _HookContext:
+    """What the layer-ℓ hook reads (steering) and writes (captured hidden) during one forward."""
+
+    def __init__(self, steer: torch.Tensor | None):
+        self.steer = steer  # [B, hidden] or None (no row steered: skip the add)
+        self.captured: torch.Tensor | None = None  # [B, hidden], pre-steering, last position
