@@ -32,7 +32,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from esm_steer import grade, load_task
-    from esm_steer.data.prompts import build_messages, render_prompt_ids
+    from esm_steer.data.prompts import build_messages
+    from esm_steer.engine.base import chat_prompt_ids
     from esm_steer.engine.loading import EMBEDDED, ensure_converted, load_tokenizer
 
     d = ensure_converted("HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED)
@@ -45,7 +46,7 @@ def main() -> None:
             t0, correct, shown = time.time(), 0, 0
             for i in range(0, len(examples), args.batch):
                 batch = examples[i : i + args.batch]
-                ids = [render_prompt_ids(tok, build_messages(template, ex)) for ex in batch]
+                ids = [chat_prompt_ids(tok, build_messages(template, ex)) for ex in batch]
                 width = max(map(len, ids))
                 pad = tok.pad_token_id
                 input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])

@@ -12,12 +12,12 @@ from esm_steer.data.grading import (
     compute_score_dapo,
     dapo_normalize,
     extract_answer,
-    grade,
     is_equiv,
     last_boxed,
     parse_number,
     run_bounded,
 )
+from esm_steer.data.tasks import grade
 
 # ---------------------------------------------------------------- numeric (GSM8K style)
 
@@ -139,6 +139,13 @@ def test_math_via_task_name_and_unknown_task():
     assert grade("\\boxed{\\frac{1}{2}}", "0.5", "math500") is True
     assert grade("\\boxed{023}", "23", "aime_2024") is True
     assert grade("\\boxed{\\frac{1}{2}}", "0.5", "no-such-task") is True
+
+
+def test_grading_grade_takes_a_kind_not_a_task():
+    # grading knows no tasks (tasks.grade maps a task to its kind): a task name is refused, not guessed
+    assert grading.grade("\\boxed{\\frac{1}{2}}", "0.5", "math") is True
+    with pytest.raises(ValueError, match="unknown answer kind 'math500'"):
+        grading.grade("\\boxed{\\frac{1}{2}}", "0.5", "math500")
 
 
 # pathological inputs: power towers / huge exponents / factorials must not hang the grader

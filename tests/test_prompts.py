@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from esm_steer.data.prompts import PROMPTS, build_messages, render_prompt_ids
+from esm_steer.data.prompts import PROMPTS, build_messages
 from esm_steer.data.tasks import TASKS, DataError, Example
+from esm_steer.engine.base import chat_prompt_ids
 
 MATHY = Example("m1", "What is $1+1$?", "2")
 ARC = Example(
@@ -105,7 +106,7 @@ def test_gold_and_solution_never_in_prompt():
 
 
 class FakeTokenizer:
-    """Mimics the two calls render_prompt_ids makes (transformers 5 semantics)."""
+    """Mimics the two calls chat_prompt_ids makes (transformers 5 semantics)."""
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
         assert tokenize is False and add_generation_prompt is True
@@ -116,14 +117,14 @@ class FakeTokenizer:
         return {"input_ids": [ord(c) for c in text]}
 
 
-def test_render_prompt_ids_with_fake_tokenizer():
-    ids = render_prompt_ids(FakeTokenizer(), [{"role": "user", "content": "hi"}])
+def test_chat_prompt_ids_with_fake_tokenizer():
+    ids = chat_prompt_ids(FakeTokenizer(), [{"role": "user", "content": "hi"}])
     assert "".join(map(chr, ids)) == "<user>hi</s><assistant>"
 
 
-def test_render_prompt_ids_real_tokenizer(tokenizer):
+def test_chat_prompt_ids_real_tokenizer(tokenizer):
     msgs = build_messages("arith_3shot", MATHY)
-    ids = render_prompt_ids(tokenizer, msgs)
+    ids = chat_prompt_ids(tokenizer, msgs)
     assert all(isinstance(i, int) for i in ids)
     text = tokenizer.decode(ids)
     assert text.rstrip().endswith("assistant") and "What is $1+1$?" in text

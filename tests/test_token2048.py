@@ -167,8 +167,9 @@ def test_best_ties_go_to_lowest_sample_id():
 
 
 def test_continuation_prompts_are_prompt_plus_prefix_ids(tmp_path, tokenizer, hf_engine):
-    from esm_steer.data.prompts import build_messages, render_prompt_ids
+    from esm_steer.data.prompts import build_messages
     from esm_steer.data.tasks import load_task
+    from esm_steer.engine.base import chat_prompt_ids
 
     run_stage(tmp_path, hf_engine, stage="sample", temperature=1.0)
     run_stage(tmp_path, hf_engine, stage="prepare")
@@ -177,7 +178,7 @@ def test_continuation_prompts_are_prompt_plus_prefix_ids(tmp_path, tokenizer, hf
     examples = load_task("arith", "train", max_examples=SMALL["n_questions"], seed=0)
     eot = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
     for (_, a), (_, b) in zip(s1.iterrows(), s2.iterrows()):
-        prompt = render_prompt_ids(tokenizer, build_messages("arith_3shot", examples[a["question_id"]]))
+        prompt = chat_prompt_ids(tokenizer, build_messages("arith_3shot", examples[a["question_id"]]))
         assert list(a["prompt_ids"]) == prompt
         ids = list(b["continuation_prompt_ids"])
         assert ids[: len(prompt)] == prompt and b["num_prompt_tokens"] == len(prompt)

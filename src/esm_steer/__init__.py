@@ -15,7 +15,7 @@ def load_task(name, split, data_root=None, max_examples=None, seed=0, **kwargs):
 
 def grade(response: str, gold: str, task: str) -> bool:
     """True when the response's final answer matches gold (see :mod:`esm_steer.data.grading`)."""
-    from esm_steer.data.grading import grade as _grade
+    from esm_steer.data.tasks import grade as _grade
 
     return _grade(response, gold, task)
 

@@ -1,8 +1,8 @@
 """Tasks (loaders), prompt templates, and grading (answer extraction + equivalence)."""
 
-from esm_steer.data.grading import compute_score_dapo, extract_answer, grade, is_equiv
-from esm_steer.data.prompts import PROMPTS, build_messages, render_prompt_ids
-from esm_steer.data.tasks import TASKS, DataError, Example, TaskSpec, load_task
+from esm_steer.data.grading import compute_score_dapo, extract_answer, is_equiv
+from esm_steer.data.prompts import PROMPTS, build_messages
+from esm_steer.data.tasks import TASKS, DataError, Example, TaskSpec, grade, kind_for_task, load_task
 
 __all__ = [
     "TASKS",
@@ -12,8 +12,8 @@ __all__ = [
     "TaskSpec",
     "load_task",
     "build_messages",
-    "render_prompt_ids",
     "grade",
+    "kind_for_task",
     "extract_answer",
     "is_equiv",
     "compute_score_dapo",

@@ -16,6 +16,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from esm_steer.data.example import DataError, Example
+
 NAMES = [
     ("Tom", "he", "his"),
     ("Mia", "she", "her"),
@@ -160,8 +162,6 @@ def split_of(question: str) -> str:
 
 def generate(split: str, seed: int = 0, difficulty: int = 1, num: int = 1000):
     """``num`` distinct problems of one split, deterministic in (seed, difficulty)."""
-    from esm_steer.data.tasks import DataError, Example
-
     if split not in SPLITS:
         raise DataError(f"task=arith has splits {', '.join(SPLITS)}, not {split!r}")
     if difficulty not in LEVELS:

@@ -1,4 +1,4 @@
-"""Prompt templates: an Example -> chat messages, and chat messages -> prompt token ids.
+"""Prompt templates: an Example -> chat messages (token ids: :func:`esm_steer.engine.base.chat_prompt_ids`).
 
 Few-shot examples are earlier user/assistant turns: a small instruct model copies the
 assistant's format from its own previous turns more reliably than from an inline block.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX, DataError, Example
+from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX, TASKS, DataError, Example
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,6 @@ def resolve_template(template: str, task: str) -> str:
     """The template name to use: ``auto`` becomes the task's default (gsm8k -> gsm8k_0shot...)."""
     if template != AUTO:
         return template
-    from esm_steer.data.tasks import TASKS
-
     if task not in TASKS:
         raise DataError(f"prompt.template=auto: unknown task {task!r}; known: {', '.join(TASKS)}")
     return TASKS[task].prompt
@@ -101,10 +99,3 @@ def build_messages(template: str, example: Example, system: str | None = None) -
         messages.append({"role": "assistant", "content": a})
     messages.append({"role": "user", "content": _fill(t, example.question, example.choices)})
     return messages
-
-
-def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat-templated prompt, ending with the assistant turn's header."""
-    from esm_steer.engine.base import chat_prompt_ids
-
-    return chat_prompt_ids(tokenizer, messages, add_generation_prompt=True)

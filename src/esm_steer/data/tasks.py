@@ -17,35 +17,21 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from esm_steer.data import grading
+from esm_steer.data.arith import SPLIT_RULE, generate
+from esm_steer.data.example import DataError, Example
 from esm_steer.data.grading import last_boxed
 from esm_steer.splits import carve_assign, carve_source, check_carve, question_hash
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """Bad task name, split, file or argument; the message is one line."""
-
-
 class _Skip(Exception):
     """A row that cannot become an Example; the message is the reason counted."""
-
-
-@dataclass
-class Example:
-    id: str
-    question: str
-    gold: str
-    solution: str | None = None  # gold worked reasoning, where the dataset has one
-    choices: list[str] | None = None  # multiple choice: ["A. text", "B. text", ...]
-    meta: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -255,6 +241,19 @@ TASKS: dict[str, TaskSpec] = {
 _KWARGS = ("difficulty", "num_synthetic", "hub_id", "hub_config")
 
 
+def kind_for_task(task: str) -> str:
+    """The grader kind of a registered task; a kind name passes through; else "math"."""
+    if task in grading.KINDS:
+        return task
+    spec = TASKS.get(task)
+    return spec.grader if spec is not None else "math"
+
+
+def grade(response: str, gold: str, task: str) -> bool:
+    """True when the response's final answer matches gold under the task's grader kind."""
+    return grading.grade(response, gold, kind_for_task(task))
+
+
 # ---------------------------------------------------------------- reading rows
 
 
@@ -351,8 +350,6 @@ def load_split(
         raise DataError(f"max_examples must be >= 1 or None, got {max_examples}")
 
     if name == "arith":  # the generator's splits are disjoint by construction (arith.split_of)
-        from esm_steer.data.arith import SPLIT_RULE, generate
-
         difficulty, num = kwargs.get("difficulty") or 1, kwargs.get("num_synthetic") or 1000
         examples = generate(split, seed=seed, difficulty=difficulty, num=num)
         out = _subsample(examples, max_examples, seed)

@@ -81,12 +81,13 @@ def eval_split(cfg: DictConfig) -> str:
 
 def prompt_ids(engine_or_tokenizer: Any, cfg: DictConfig, examples: Sequence) -> list[list[int]]:
     """Chat-templated prompt token ids (cfg.prompt.template, cfg.prompt.system) per example."""
-    from esm_steer.data.prompts import build_messages, render_prompt_ids, resolve_template
+    from esm_steer.data.prompts import build_messages, resolve_template
+    from esm_steer.engine.base import chat_prompt_ids
 
     tok = getattr(engine_or_tokenizer, "tokenizer", engine_or_tokenizer)
     return [
         list(
-            render_prompt_ids(
+            chat_prompt_ids(
                 tok,
                 build_messages(resolve_template(cfg.prompt.template, cfg.task.dataset), ex, system=cfg.prompt.system),
             )
@@ -104,7 +105,8 @@ def question_seed(seed: int, question_id: str) -> int:
 
 def grader(task: str):
     """(response, gold) -> bool and (response) -> extracted answer for the task's grader."""
-    from esm_steer.data.grading import extract_answer, grade, kind_for_task
+    from esm_steer.data.grading import extract_answer
+    from esm_steer.data.tasks import grade, kind_for_task
 
     kind = kind_for_task(task)
 

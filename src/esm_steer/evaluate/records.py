@@ -81,7 +81,8 @@ def build_record(
     method: str | None = None,
 ) -> dict:
     """One per-example record; grading never raises (a broken response is simply wrong)."""
-    from esm_steer.data.grading import extract_answer, grade, kind_for_task
+    from esm_steer.data.grading import extract_answer
+    from esm_steer.data.tasks import grade, kind_for_task
 
     response = response or ""
     try:

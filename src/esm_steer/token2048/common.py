@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from esm_steer.data import grading
+from esm_steer.data import grading, tasks
 from esm_steer.engine.base import Sample, SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def grader_kind(cfg) -> str:
     g = cfg.token2048.grader
     if g == "math_dapo" or (g == "auto" and cfg.task.dataset == "dapo_math"):
         return "math_dapo"
-    return str(cfg.task.dataset)  # grading.grade maps a task name to its kind
+    return str(cfg.task.dataset)  # tasks.grade maps a task name to its kind
 
 
 def grade(response: str, gold: str, kind: str) -> tuple[bool, str | None, str | None]:
@@ -83,8 +83,8 @@ def grade(response: str, gold: str, kind: str) -> tuple[bool, str | None, str | 
             return bool(s["acc"]), s["pred"], None
         if not response or not response.strip():
             return False, None, None
-        pred = grading.extract_answer(response, grading.kind_for_task(kind))
-        return bool(grading.grade(response, gold, kind)), pred, None
+        pred = grading.extract_answer(response, tasks.kind_for_task(kind))
+        return bool(tasks.grade(response, gold, kind)), pred, None
     except Exception as e:  # noqa: BLE001 - one bad rollout must not stop 800k others
         log.warning("grading failed (%s: %s); counted as incorrect", type(e).__name__, e)
         return False, None, f"grading failed: {type(e).__name__}: {e}"

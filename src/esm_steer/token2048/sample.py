@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from esm_steer.config import ConfigError
 from esm_steer.data.tasks import Example, _read_file, _Skip, _subsample, dapo_row, load_task
-from esm_steer.engine.base import FINISH_STOP, SamplingSpec
+from esm_steer.engine.base import FINISH_STOP, SamplingSpec, chat_prompt_ids
 from esm_steer.token2048 import schema, shards
 from esm_steer.token2048.common import derive_seed, generate_safe, group_size, parts_meta, stage1_meta
 
@@ -113,10 +113,10 @@ def load_questions(cfg) -> list[Example]:
 
 
 def prompt_ids(tokenizer, cfg, example) -> list[int]:
-    from esm_steer.data.prompts import build_messages, render_prompt_ids, resolve_template
+    from esm_steer.data.prompts import build_messages, resolve_template
 
     template = resolve_template(cfg.prompt.template, cfg.task.dataset)
-    return render_prompt_ids(tokenizer, build_messages(template, example, system=cfg.prompt.system))
+    return chat_prompt_ids(tokenizer, build_messages(template, example, system=cfg.prompt.system))
 
 
 def run_sample(cfg, out: Path, engine, examples: list | None = None) -> bool:
