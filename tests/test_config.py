@@ -235,3 +235,40 @@ def test_budget_overrides_and_presets_keep_their_own():
         assert (cfg.decode.max_new_tokens, cfg.offline_mine.max_new_tokens) == (t, t), preset
     with pytest.raises(ConfigError, match=r"task\.budget=0"):
         validate(_compose("eval", ["task.budget=0"]))
+
+
+# ---------------------------------------------------------------- one source of defaults
+
+SCHEMA_OF_GROUP = {"model": "ModelConfig", "task": "TaskConfig", "online": "OnlineConfig", "prompt": "PromptConfig"}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in (*SCHEMA_OF_GROUP, "stage") for o in options(g)])
+def test_group_yaml_holds_only_what_differs_from_the_schema(group, option):
+    import esm_steer.config as schema
+
+    cls = getattr(schema, SCHEMA_OF_GROUP.get(group, "StageConfig"))
+    defaults = OmegaConf.to_container(OmegaConf.structured(cls))
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml") or OmegaConf.create())
+    raw.pop("defaults", None)
+    same = sorted(k for k, v in raw.items() if k in defaults and v == defaults[k])
+    assert not same, f"conf/{group}/{option}.yaml repeats the schema's {cls.__name__} defaults of {same}"
+
+
+def test_the_default_groups_are_the_schema():
+    from esm_steer.config import ModelConfig, OnlineConfig, TaskConfig
+
+    cfg = _compose("eval")
+    for node, cls in ((cfg.model, ModelConfig), (cfg.online, OnlineConfig), (cfg.task, TaskConfig)):
+        assert OmegaConf.to_container(node, resolve=True) == OmegaConf.to_container(OmegaConf.structured(cls)), cls
+
+
+def test_method_names_are_listed_once():
+    from esm_steer.config import ABLATIONS, BASELINE, METHODS, ONLINE_METHODS
+    from esm_steer.esm.policy import VARIANTS
+    from esm_steer.evaluate import records
+
+    assert records.ONLINE_METHODS is ONLINE_METHODS and VARIANTS is ONLINE_METHODS
+    assert BASELINE in METHODS and set(ABLATIONS) < set(ONLINE_METHODS)
+    for bad in (["eval.methods=[greedy,nope]"], ["eval.ablations=[esm]"], ["online.variant=greedy"]):
+        with pytest.raises(ConfigError, match=bad[0].split("=")[0].replace(".", r"\.")):
+            validate(_compose("eval", bad))

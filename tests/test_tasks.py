@@ -9,7 +9,8 @@ import pytest
 
 import esm_steer
 from esm_steer.data.arith import split_of
-from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX, TASKS, DataError, Example, load_split, load_task
+from esm_steer.data.rows import DAPO_PREFIX, DAPO_SUFFIX
+from esm_steer.data.tasks import TASKS, DataError, Example, load_split, load_task
 
 
 def write_jsonl(root, task, split, rows):
@@ -375,6 +376,61 @@ def test_hub_path_maps_aime_test_to_train(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake)
     ex = load_task("aime_2024", "test")
     assert calls == [("HuggingFaceH4/aime_2024", None, "train")] and ex[0].gold == "7"
+
+
+def test_registry_is_the_task_yaml(monkeypatch):
+    """TASKS is read from conf/task/<name>.yaml: the composed cfg.task of task=<name> says the same."""
+    from hydra import compose, initialize_config_module
+
+    import esm_steer.cli  # noqa: F401 - registers the schema
+
+    with initialize_config_module(config_module="esm_steer.conf", version_base="1.3"):
+        for name, spec in TASKS.items():
+            t = compose(config_name="eval", overrides=[f"task={name}"]).task
+            got = (t.hub_id, t.hub_config, t.grader, t.prompt, dict(t.hub_splits), t.dedupe)
+            assert got == (spec.hub_id, spec.hub_config, spec.grader, spec.prompt, spec.hub_splits, spec.dedupe)
+            assert (spec.row_to_example is None) == (name == "arith")
+
+
+def test_a_bad_task_yaml_is_one_line(tmp_path, monkeypatch):
+    from esm_steer.data import tasks
+
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "gsm8k.yaml").write_text("dataset: gsm8k\ngrader: roman\n")
+    monkeypatch.setattr(tasks, "files", lambda package: tmp_path)
+    with pytest.raises(DataError, match=r"conf/task/gsm8k\.yaml: grader='roman'"):
+        tasks.read_task_yaml("gsm8k")
+    (tmp_path / "task" / "gsm8k.yaml").write_text("dataset: svamp\n")
+    with pytest.raises(DataError, match=r"dataset='svamp', expected 'gsm8k'"):
+        tasks.read_task_yaml("gsm8k")
+
+
+def test_config_values_override_the_task_yaml(monkeypatch):
+    """cfg.task's hub keys (LOAD_KEYS) reach the hub load: a command-line override is not ignored."""
+    import datasets
+
+    from esm_steer.data.tasks import LOAD_KEYS
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, split: calls.append((*a, split)) or DAPO[:1] * 2)
+    ex = load_task("dapo_math", "test", hub_id="me/dapo", hub_config="c", hub_splits={"test": "eval"}, dedupe=False)
+    assert calls == [("me/dapo", "c", "eval")] and len(ex) == 2  # no dedupe: both copies kept
+    assert len(load_task("dapo_math", "test")) == 1 and calls[-1] == ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train")
+    assert set(LOAD_KEYS) <= set(esm_steer.config.TaskConfig.__dataclass_fields__)
+
+
+def test_parse_rows_and_read_rows(tmp_path):
+    from esm_steer.data import SkipRow, parse_rows, read_rows, subsample
+    from esm_steer.data.rows import gsm8k_row
+
+    rows = [GSM8K[0], GSM8K[0], "text", {"question": "q", "answer": "no hash"}]
+    ex, skipped = parse_rows(rows, gsm8k_row, "p", dedupe=True)
+    assert [e.id for e in ex] == ["p-0"]
+    assert skipped == {"duplicate question": 1, "not an object": 1, "no #### in answer": 1}
+    assert issubclass(SkipRow, Exception) and subsample(list(range(10)), 3, 0) == subsample(list(range(10)), 3, 0)
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n\nnot json\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:3: not valid JSON"):
+        read_rows(tmp_path / "a.jsonl")
 
 
 def test_example_to_dict():

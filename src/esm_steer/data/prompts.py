@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX, TASKS, DataError, Example
+from esm_steer.data.example import DataError, Example
+from esm_steer.data.rows import DAPO_PREFIX, DAPO_SUFFIX
+from esm_steer.data.tasks import TASKS
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Answer extraction and equivalence: is a model response's final answer the gold one?
 
-Kinds (a task's :attr:`TaskSpec.grader`):
+Kinds (a task's ``grader`` in its ``conf/task/<name>.yaml``):
 
 - ``numeric``   GSM8K-style numbers: ``1,000`` = 1000, ``$5`` = 5, ``3.0`` = 3, ``1/2`` = 0.5,
                 trailing units and periods dropped. Percent: ``50%`` equals both 50 and 0.5
