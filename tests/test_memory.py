@@ -68,7 +68,7 @@ def test_load_refuses_another_model_or_layer_in_one_line(tmp_path):
         Memory.load(tmp_path, model_id="other-model", steer_layer=3)
     msg = str(e.value)
     assert "\n" not in msg and "fake-model" in msg and "other-model" in msg
-    with pytest.raises(RunError, match=r"layer 3.*layer 7"):
+    with pytest.raises(RunError, match=r"meta.txt records a memory made with other settings \(layer: 3 -> 7\)"):
         Memory.load(tmp_path, model_id="fake-model", steer_layer=7)
     assert len(Memory.load(tmp_path)) == len(Memory.load(tmp_path, "fake-model", 3))
 

@@ -11,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from esm_steer.config import ESMConfig
+from esm_steer.esm.candidates import Candidate
 from esm_steer.esm.library import Library
-from esm_steer.esm.mine import Candidate, write_candidates
+from esm_steer.esm.mine import write_candidates
 from esm_steer.esm.select import mean_pairwise_cosine_distance, run, select_indices
 from esm_steer.io import atomic_write_json
 from esm_steer.runs import Run, RunError

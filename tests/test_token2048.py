@@ -352,7 +352,7 @@ def test_sampled_prefixes_are_seeded_per_question(tmp_path, tokenizer):
 
 def test_other_config_refused_on_resume(tmp_path, tokenizer):
     run_stage(tmp_path, FakeEngine(tokenizer), stage="sample")
-    with pytest.raises(RunError, match="n_prefix=2 but this run has token2048.n_prefix=3"):
+    with pytest.raises(RunError, match=r"made with other settings \(token2048.n_prefix: 2 -> 3\)"):
         run_stage(tmp_path, FakeEngine(tokenizer), stage="sample", n_prefix=3)
     run_stage(tmp_path, FakeEngine(tokenizer), stage="prepare")
     run_stage(tmp_path, FakeEngine(tokenizer), stage="continue")

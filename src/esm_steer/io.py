@@ -83,12 +83,6 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
 
 
-def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
-    import torch
-
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
 def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     """Atomic write through any saver taking a path (np.save, df.to_parquet, fig.savefig...).
 

@@ -2,7 +2,9 @@
 
 Settings. A stage records the config values its output depends on (a fingerprint: JSON beside
 a record log or a stage dir, or the metadata of a parquet file) and a rerun compares them:
-:func:`diff`, :func:`check_or_write`, :func:`check_parquet_meta`. A rerun never silently mixes
+:func:`fingerprint` (config keys -> values), :func:`diff`, :func:`check_same` (the one refusal: one
+line naming the file and the differing keys), :func:`check_or_write` (JSON),
+:func:`with_parquet_meta` / :func:`check_parquet_meta` (parquet). A rerun never silently mixes
 outputs made under other settings.
 
 Bytes. A stage records the size and sha256 of every file it writes in ``<stage dir>/manifest.json``
@@ -26,11 +28,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from esm_steer.io import atomic_write_json
 from esm_steer.runs import RunError
@@ -51,14 +56,34 @@ class ArtifactError(RunError):
 # ---------------------------------------------------------------- settings
 
 
-def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs (nested dicts by dotted key)."""
+def fingerprint(cfg: DictConfig, keys: Sequence[str]) -> dict:
+    """The values of the dotted config ``keys`` (resolved, plain JSON types): what an artifact depends on."""
+    out = {}
+    for k in keys:
+        v = OmegaConf.select(cfg, k, throw_on_missing=True)
+        out[k] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+    return out
+
+
+def diff(old: Any, new: Any, prefix: str = "", shared: bool = False) -> list[str]:
+    """``key: old -> new`` for every leaf that differs (nested dicts by dotted key); ``shared``:
+    only keys both sides have (an artifact written before a key was recorded is not refused)."""
     if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) & set(new) if shared else set(old) | set(new)
         out = []
-        for k in sorted(set(old) | set(new)):
-            out += diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        for k in sorted(keys):
+            out += diff(old.get(k), new.get(k), f"{prefix}{k}.", shared)
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def check_same(found: dict, expected: dict, what: str, remedy: str, shared: bool = False) -> None:
+    """RunError, one line, when ``found`` (what made an artifact) differs from ``expected`` (this run):
+    ``<what> made with other settings (key: old -> new; ...): <remedy>``. ``what`` names the file."""
+    changed = diff(found, expected, shared=shared)
+    if changed:
+        more = "; ..." if len(changed) > 3 else ""
+        raise RunError(f"{what} made with other settings ({'; '.join(changed[:3])}{more}): {remedy}")
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -69,18 +94,31 @@ def read_json(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{path}: not valid JSON ({e}); delete it and rerun the stage that writes it") from None
 
 
-def check_or_write(path: str | os.PathLike, fingerprint: dict, what: str, remedy: str, check: bool = True) -> None:
-    """Refuse (RunError, one line) when ``path`` holds another fingerprint, then write this one.
+def check_or_write(
+    path: str | os.PathLike,
+    fingerprint: dict,
+    what: str,
+    remedy: str,
+    check: bool = True,
+    shared: bool = False,
+    extra: dict | None = None,
+) -> None:
+    """Refuse (:func:`check_same`) when the JSON at ``path`` holds another fingerprint, then write this one.
 
-    ``what`` names what would be mixed ("<dir> holds 12 records"), ``remedy`` what to do instead;
-    ``check=False`` only writes (nothing on disk depends on the old fingerprint)."""
+    ``what`` names what would be mixed ("<file> holds 12 records"), ``remedy`` what to do instead;
+    ``check=False`` only writes (nothing on disk depends on the old fingerprint); ``extra``: written
+    beside the fingerprint, never compared."""
     path = Path(path)
+    extra = extra or {}
     if check and path.exists():
-        changed = diff(read_json(path), fingerprint)
-        if changed:
-            more = "; ..." if len(changed) > 3 else ""
-            raise RunError(f"{what} made with other settings ({'; '.join(changed[:3])}{more}): {remedy}")
-    atomic_write_json(path, fingerprint)
+        old = {k: v for k, v in read_json(path).items() if k not in extra}
+        check_same(old, fingerprint, what, remedy, shared)
+    atomic_write_json(path, {**fingerprint, **extra})
+
+
+def with_parquet_meta(schema: pa.Schema, key: bytes, fingerprint: dict) -> pa.Schema:
+    """``schema`` carrying ``fingerprint`` as JSON under ``key`` (the parquet form of a fingerprint)."""
+    return schema.with_metadata({key: json.dumps(fingerprint, sort_keys=True).encode()})
 
 
 def parquet_meta(path: str | os.PathLike, key: bytes, rebuild: str = "rerun the stage that writes it") -> dict:
@@ -91,14 +129,9 @@ def parquet_meta(path: str | os.PathLike, key: bytes, rebuild: str = "rerun the 
 
 
 def check_parquet_meta(path: str | os.PathLike, key: bytes, expected: dict, rebuild: str = "rerun its stage") -> dict:
-    """The file's provenance; RunError naming the key and both values when one of ``expected`` differs."""
+    """The file's provenance; RunError (:func:`check_same`, keys both have) when one of ``expected`` differs."""
     found = parquet_meta(path, key, rebuild)
-    for k, want in expected.items():
-        if k in found and found[k] != want:
-            raise RunError(
-                f"{path} was made with {k}={found[k]!r} but this run has {k}={want!r}; "
-                "use the same values or a new run dir (outputs.run_id)"
-            )
+    check_same(found, expected, str(path), "use the same values or a new run dir (outputs.run_id)", shared=True)
     return found
 
 
@@ -120,8 +153,6 @@ def file_record(path: str | os.PathLike) -> dict:
 
 def _hydra_overrides() -> list[str]:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     except Exception:  # noqa: BLE001 - outside a Hydra job there is nothing to copy
         return []

@@ -2,11 +2,11 @@
 
 A tool is one mined candidate (question q, control point m): its steering vector v, its
 quality Q, its key (mean mining state) and the mining states themselves (the memory's
-anchors). On disk, under ``<run dir>/library/``:
+anchors); docs/method.md, Stage II. On disk, under ``<run dir>/library/`` (names and the tensor
+format: ``esm_steer.esm.artifacts``):
 
 - ``library.jsonl``        one line per tool: tool_id, question_id, m, Q, v_norm, n_states, meta
-- ``vectors/<tool_id>.pt`` v, float32 [d]
-- ``keys/<tool_id>.pt``    {"key": [d], "states": [n, d]}
+- ``vectors/<tool_id>.pt``, ``keys/<tool_id>.pt``: v and {"key", "states"}
 - ``meta.json``            model_id, steer_layer, hidden_size, created (+ how it was selected)
 - ``manifest.json``        size and sha256 of each file above, written last (``esm_steer.provenance``)
 """
@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 
 from esm_steer import provenance
-from esm_steer.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl, read_jsonl
-from esm_steer.runs import RunError
+from esm_steer.esm import artifacts
+from esm_steer.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
-
-LIBRARY_DIR = "library"
 
 
 def tool_id(i: int) -> str:
@@ -36,47 +34,6 @@ def tool_id(i: int) -> str:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-# ---------------------------------------------------------------- steering tensors on disk
-# mine/ and library/ share one format: vectors/<id>.pt (v [d]) and keys/<id>.pt
-# ({"key": [d], "states": [n, d]}).
-
-
-def save_steering(root: Path, item_id: str, vector: torch.Tensor, key: torch.Tensor, states: torch.Tensor) -> None:
-    atomic_torch_save(root / "vectors" / f"{item_id}.pt", vector.detach().float().contiguous())
-    atomic_torch_save(
-        root / "keys" / f"{item_id}.pt",
-        {"key": key.detach().float().contiguous(), "states": states.detach().float().contiguous()},
-    )
-
-
-def prune_steering(root: Path, keep: set[str]) -> None:
-    """Remove tensors of ids no longer listed (a rerun with a smaller pool leaves none stale)."""
-    for sub in ("vectors", "keys"):
-        for p in (root / sub).glob("*.pt"):
-            if p.stem not in keep:
-                p.unlink()
-
-
-def steering_files(item_ids) -> list[str]:
-    """The tensor files of these ids, relative to their stage dir (for the manifest)."""
-    return [f"{sub}/{i}.pt" for i in item_ids for sub in ("vectors", "keys")]
-
-
-def load_steering(root: Path, item_id: str, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(vector, key, states) of one id; RunError naming the stage that writes a missing or unreadable file."""
-    from esm_steer.esm.common import require
-
-    vpath = require(root / "vectors" / f"{item_id}.pt", stage)
-    kpath = require(root / "keys" / f"{item_id}.pt", stage)
-    rebuild = provenance.command(stage, root.resolve().parent.name)
-    with provenance.reading(kpath, rebuild):
-        keys = torch.load(kpath, map_location="cpu", weights_only=True)
-        key, states = keys["key"], keys["states"]
-    with provenance.reading(vpath, rebuild):
-        vector = torch.load(vpath, map_location="cpu", weights_only=True)
-    return vector, key, states
 
 
 @dataclass
@@ -129,38 +86,35 @@ class Library:
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write every file; library.jsonl goes last so a complete jsonl means a complete library,
         then the manifest of their sizes and hashes."""
-        root = Path(run_dir) / LIBRARY_DIR
-        provenance.begin(root, "select")
+        root = Path(run_dir) / artifacts.LIBRARY_DIR
+        stage = artifacts.MAKER[artifacts.LIBRARY_DIR]
+        provenance.begin(root, stage)
         for t in self.tools:
-            save_steering(root, t.tool_id, t.vector, t.key, t.states)
-        prune_steering(root, {t.tool_id for t in self.tools})
-        atomic_write_json(root / "meta.json", self.meta)
-        atomic_write_jsonl(root / "library.jsonl", [t.record() for t in self.tools])
-        provenance.seal(root, "select", steering_files(t.tool_id for t in self.tools) + ["meta.json", "library.jsonl"])
+            artifacts.save_steering(root, t.tool_id, t.vector, t.key, t.states)
+        ids = [t.tool_id for t in self.tools]
+        artifacts.prune_steering(root, set(ids))
+        atomic_write_json(root / artifacts.LIBRARY_META, self.meta)
+        atomic_write_jsonl(root / artifacts.LIBRARY_JSONL, [t.record() for t in self.tools])
+        provenance.seal(root, stage, artifacts.steering_files(ids) + [artifacts.LIBRARY_META, artifacts.LIBRARY_JSONL])
         return root
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> Library:
-        root = Path(run_dir) / LIBRARY_DIR
-        jsonl = root / "library.jsonl"
-        if not jsonl.exists():
-            raise RunError(f"missing {jsonl} (made by esm-select; run it into this run dir first)")
-        provenance.verify(root, "select")
-        meta = provenance.read_json(root / "meta.json") if (root / "meta.json").exists() else {}
-        tools = []
-        for r in read_jsonl(jsonl):
-            tid = r["tool_id"]
-            vector, key, states = load_steering(root, tid, "select")
-            tools.append(
-                Tool(
-                    tool_id=tid,
-                    question_id=str(r["question_id"]),
-                    m=int(r["m"]),
-                    Q=float(r["Q"]),
-                    vector=vector,
-                    key=key,
-                    states=states,
-                    meta=r.get("meta", {}),
-                )
+        root = Path(run_dir) / artifacts.LIBRARY_DIR
+        stage = artifacts.MAKER[artifacts.LIBRARY_DIR]
+        jsonl = artifacts.require(root / artifacts.LIBRARY_JSONL, stage)
+        provenance.verify(root, stage)
+        meta_path = root / artifacts.LIBRARY_META
+        meta = provenance.read_json(meta_path) if meta_path.exists() else {}
+        tools = [
+            Tool(
+                tool_id=r["tool_id"],
+                question_id=str(r["question_id"]),
+                m=int(r["m"]),
+                Q=float(r["Q"]),
+                meta=r.get("meta", {}),
+                **artifacts.load_steering(root, r["tool_id"]),
             )
+            for r in read_jsonl(jsonl)
+        ]
         return cls(tools, meta)

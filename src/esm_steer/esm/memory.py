@@ -1,7 +1,8 @@
 """Stage III (memory): the index from mining states to library tools.
 
 One entry per (tool, mining state): every state at the tool's (q, m) — h at the last token
-before control point m of each rollout of P∪N — so a tool has several anchors (DESIGN.md §2).
+before control point m of each rollout of P∪N — so a tool has several anchors (docs/method.md,
+Stage III).
 Keys are L2-normalised when ``offline_memory.normalize_keys``; inner-product search on them
 is cosine similarity (faiss ``IndexFlatIP``, exact). With ``offline_memory.center_keys`` the
 mean key is subtracted first (from keys and queries alike): residual-stream states are
@@ -11,7 +12,8 @@ without centring every entry looks similar and ``min_sim`` cannot separate them.
 Files under ``<run dir>/memory/``: ``keys.npy`` (float32 [N, d]), ``entries.jsonl``
 (entry_id, tool_id, question_id, m, Q, state), ``meta.txt`` (``key: value`` lines: model,
 layer, d, N, normalised, created, T_max), ``index.faiss`` (and ``center.npy`` when centred), then
-``manifest.json`` with their sizes and hashes, checked before every load (``esm_steer.provenance``).
+``manifest.json`` with their sizes and hashes, checked before every load (``esm_steer.provenance``);
+the names are ``esm_steer.esm.artifacts``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import numpy as np
 from omegaconf import DictConfig
 
 from esm_steer import provenance
+from esm_steer.esm import artifacts
 from esm_steer.esm.library import Library, now_iso
 from esm_steer.io import atomic_save, atomic_write_jsonl, atomic_write_text, read_jsonl
 from esm_steer.runs import RunError, write_latest
 
 log = logging.getLogger(__name__)
 
-MEMORY_DIR = "memory"
+STAGE = artifacts.MAKER[artifacts.MEMORY_DIR]
 _META_TYPES = {"layer": int, "d": int, "N": int, "T_max": int}
 
 
@@ -104,57 +107,60 @@ class Memory:
     def save(self, run_dir: str | os.PathLike) -> Path:
         import faiss
 
-        root = Path(run_dir) / MEMORY_DIR
-        provenance.begin(root, "memory")
-        atomic_save(root / "keys.npy", lambda p: np.save(p, self.keys))
-        atomic_write_jsonl(root / "entries.jsonl", self.entries)
+        root = Path(run_dir) / artifacts.MEMORY_DIR
+        provenance.begin(root, STAGE)
+        atomic_save(root / artifacts.MEMORY_KEYS, lambda p: np.save(p, self.keys))
+        atomic_write_jsonl(root / artifacts.MEMORY_ENTRIES, self.entries)
         if self.center is not None:
-            atomic_save(root / "center.npy", lambda p: np.save(p, self.center))
-        atomic_save(root / "index.faiss", lambda p: faiss.write_index(self.index, p))
+            atomic_save(root / artifacts.MEMORY_CENTER, lambda p: np.save(p, self.center))
+        atomic_save(root / artifacts.MEMORY_INDEX, lambda p: faiss.write_index(self.index, p))
         lines = [f"{k}: {v}" for k, v in self.meta.items()]
-        atomic_write_text(root / "meta.txt", "\n".join(lines) + "\n")  # last: marks a complete memory
-        files = ["keys.npy", "entries.jsonl", "index.faiss", "meta.txt"]
-        files += ["center.npy"] if self.center is not None else []
-        provenance.seal(root, "memory", files)
+        atomic_write_text(root / artifacts.MEMORY_META, "\n".join(lines) + "\n")  # last: marks a complete memory
+        files = [artifacts.MEMORY_KEYS, artifacts.MEMORY_ENTRIES, artifacts.MEMORY_INDEX, artifacts.MEMORY_META]
+        files += [artifacts.MEMORY_CENTER] if self.center is not None else []
+        provenance.seal(root, STAGE, files)
         return root
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, model_id: str | None = None, steer_layer: int | None = None) -> Memory:
         """The memory of a run dir; refuses one built for another model or layer."""
-        root = Path(run_dir) / MEMORY_DIR
-        for name in ("meta.txt", "keys.npy", "entries.jsonl"):
-            if not (root / name).exists():
-                raise RunError(f"missing {root / name} (made by esm-memory; run it into this run dir first)")
-        provenance.verify(root, "memory")
-        rebuild = provenance.command("memory", root.resolve().parent.name)
-        with provenance.reading(root / "meta.txt", rebuild):
-            meta = _parse_meta((root / "meta.txt").read_text(encoding="utf-8"))
-        model_ok = model_id is None or str(meta.get("model")) == str(model_id)
-        layer_ok = steer_layer is None or meta.get("layer") == int(steer_layer)
-        if not (model_ok and layer_ok):
-            raise RunError(
-                f"memory {root} was built for model {meta.get('model')} layer {meta.get('layer')}, "
-                f"not for model {model_id} layer {steer_layer}; rebuild it (esm-mine/select/memory) for this model"
-            )
-        with provenance.reading(root / "keys.npy", rebuild):
-            keys = np.load(root / "keys.npy")
+        root = Path(run_dir) / artifacts.MEMORY_DIR
+        meta_path, keys_path, entries_path = (
+            artifacts.require(root / name, STAGE)
+            for name in (artifacts.MEMORY_META, artifacts.MEMORY_KEYS, artifacts.MEMORY_ENTRIES)
+        )
+        index_path = root / artifacts.MEMORY_INDEX
+        provenance.verify(root, STAGE)
+        rebuild = provenance.command(STAGE, root.resolve().parent.name)
+        with provenance.reading(meta_path, rebuild):
+            meta = _parse_meta(meta_path.read_text(encoding="utf-8"))
+        expected = {} if model_id is None else {"model": str(model_id)}
+        expected.update({} if steer_layer is None else {"layer": int(steer_layer)})
+        provenance.check_same(
+            {"model": str(meta.get("model")), "layer": meta.get("layer")},
+            expected,
+            f"{meta_path} records a memory",
+            "rebuild it (esm-mine/select/memory) for this model",
+            shared=True,
+        )
+        with provenance.reading(keys_path, rebuild):
+            keys = np.load(keys_path)
         index = None
-        if (root / "index.faiss").exists():
+        if index_path.exists():
             import faiss
 
-            with provenance.reading(root / "index.faiss", rebuild):
-                index = faiss.read_index(str(root / "index.faiss"))
+            with provenance.reading(index_path, rebuild):
+                index = faiss.read_index(str(index_path))
             if index.ntotal != len(keys):
                 log.warning("%s: index has %d vectors, keys.npy %d: rebuilding", root, index.ntotal, len(keys))
                 index = None
         center = None
         if meta.get("centered"):
-            if not (root / "center.npy").exists():
-                raise RunError(f"missing {root / 'center.npy'} (meta.txt says centered; rerun esm-memory)")
-            with provenance.reading(root / "center.npy", rebuild):
-                center = np.load(root / "center.npy")
-        with provenance.reading(root / "entries.jsonl", rebuild):
-            entries = read_jsonl(root / "entries.jsonl")
+            center_path = artifacts.require(root / artifacts.MEMORY_CENTER, STAGE)
+            with provenance.reading(center_path, rebuild):
+                center = np.load(center_path)
+        with provenance.reading(entries_path, rebuild):
+            entries = read_jsonl(entries_path)
         if len(entries) != len(keys):
             raise provenance.ArtifactError(
                 f"{root}: {len(keys)} keys but {len(entries)} entries (a damaged memory); rebuild it: {rebuild}"
@@ -206,7 +212,8 @@ def build_memory(
 def run(cfg: DictConfig, run) -> None:
     library = Library.load(run.dir)
     if not len(library):
-        raise RunError(f"{run.dir}/library/library.jsonl has no tools; rerun esm-select")
+        path = run.path(artifacts.LIBRARY_DIR, artifacts.LIBRARY_JSONL)
+        raise RunError(f"{path} has no tools; rerun esm-select")
     memory = build_memory(
         library,
         bool(cfg.offline_memory.normalize_keys),

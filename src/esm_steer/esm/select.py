@@ -5,7 +5,7 @@ Methods (``offline_select.method``):
 - ``top``    the B of highest Q (ties: question id, m).
 - ``random`` B drawn uniformly, seeded by cfg.seed.
 - ``dpp``    greedy MAP of the DPP with kernel L = diag(q) S diag(q), S_ij = cosine(v_i, v_j),
-             q_i = exp(Q_i / (2·lambda_diversity)) (DESIGN.md §2), with the fast incremental
+             q_i = exp(Q_i / (2·lambda_diversity)) (docs/method.md, Stage II), with the fast incremental
              Cholesky of Chen et al. (2018), O(B²·C).
 
 Every method first fills ``min_per_control_point`` tools per control point m = 0..M−1 (DPP: by
@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from esm_steer.esm import artifacts
+from esm_steer.esm.candidates import Candidate
 from esm_steer.esm.library import Library, Tool, now_iso, tool_id
-from esm_steer.esm.mine import Candidate, load_candidates
+from esm_steer.esm.mine import load_candidates
 from esm_steer.runs import RunError, write_latest
 
 log = logging.getLogger(__name__)
@@ -169,9 +171,9 @@ def run(cfg: DictConfig, run) -> None:
     sc = cfg.offline_select
     cands, mine_summary = load_candidates(run.dir)
     if not cands:
+        path = run.path(artifacts.MINE_DIR, artifacts.CANDIDATES)
         raise RunError(
-            f"{run.dir}/mine/candidates.jsonl has no candidates (skipped: {mine_summary.get('skipped')}); "
-            "mine more questions or rollouts"
+            f"{path} has no candidates (skipped: {mine_summary.get('skipped')}); mine more questions or rollouts"
         )
     cands = sorted(cands, key=Candidate.rank_key)
     B, C = int(sc.B), len(cands)

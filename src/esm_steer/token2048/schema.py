@@ -10,7 +10,6 @@ and the command that rebuilds it (``esm_steer.provenance``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 def table(kind: str, rows: list[dict], meta: dict) -> pa.Table:
     """Rows -> a table with the kind's exact schema and the provenance metadata."""
-    schema = SCHEMAS[kind].with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    schema = provenance.with_parquet_meta(SCHEMAS[kind], META_KEY, meta)
     cols = {name: [r.get(name) for r in rows] for name in schema.names}
     return pa.Table.from_pydict(cols, schema=schema)
 
@@ -166,7 +165,8 @@ def read_meta(path: Path) -> dict:
 
 
 def check_meta(path: Path, expected: dict) -> dict:
-    """The file's metadata; RunError (one line) when the file is damaged or a key of ``expected`` differs."""
+    """The file's metadata; RunError (one line naming the file and the keys) when the file is damaged
+    or a key of ``expected`` differs (``provenance.check_same``)."""
     verify(path)
     return provenance.check_parquet_meta(path, META_KEY, expected, rebuild(path))
 
