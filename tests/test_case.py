@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from esm_steer.evaluate import case as C
-from esm_steer.evaluate.report import case_markdown
+from esm_steer.evaluate.case_markdown import case_markdown
 from esm_steer.io import read_jsonl
 from esm_steer.runs import Run, RunError
 from test_eval import EXAMPLES, FakeEngine, compose_cfg, fakes, make_artifacts  # noqa: F401 - fixture

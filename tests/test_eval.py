@@ -45,6 +45,8 @@ class Killed(BaseException):
 class FakeEngine:
     """Answers prompt [i] with the gold of example i when greedy_right(i); i % 7 == 0 truncates."""
 
+    supports_steering = True  # the online methods run through FakePolicy
+
     def __init__(self, kill_after_calls: int | None = None, fail_ids=(), truncate_every: int = 7):
         self.info = EngineInfo("fake", 2, 8, 1, "float32", "fake")
         self.tokenizer = None

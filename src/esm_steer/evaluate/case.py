@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 from esm_steer.engine import require_steering
+from esm_steer.evaluate import case_markdown as cases
 from esm_steer.evaluate import records as R
-from esm_steer.evaluate import report
 from esm_steer.evaluate.eval import generate_records, make_generator, resolve_artifact_dir
 from esm_steer.io import atomic_write_text
 from esm_steer.runs import Run, RunError
@@ -61,7 +61,7 @@ def step_char_offsets(record: dict, tokenizer=None, delimiter: str = "\n\n") -> 
     position after the m-th delimiter."""
     steps = record.get("steps") or []
     text, ids = record["response"], record.get("token_ids")
-    by_text = report.text_step_offsets(text, steps, delimiter)
+    by_text = cases.text_step_offsets(text, steps, delimiter)
     out = []
     for s, fallback in zip(steps, by_text):
         off = s.get("offset")
@@ -83,7 +83,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         )
     t_max = int(cfg.decode.max_new_tokens)
     methods = list(cfg.eval.methods)
-    require_steering(cfg.model.backend if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
+    require_steering(cfg.model if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
     examples_all = common.load_examples(cfg, common.eval_split(cfg))
     wanted = [str(w) for w in cfg.eval.example_ids]
     full = None
@@ -128,7 +128,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     tok = getattr(engine, "tokenizer", None)
     delim = str(cfg.control_points.segment_delimiter)
     offsets = {(m, eid): step_char_offsets(r, tok, delim) for m, recs in by_method.items() for eid, r in recs.items()}
-    md = report.case_markdown(examples, by_method, offsets, t_max, title=f"Case study {name}")
+    md = cases.case_markdown(examples, by_method, offsets, t_max, title=f"Case study {name}")
     if artifact_dir is not None:
         md += f"\n---\nartifacts: `{artifact_dir}`\n"
     path = atomic_write_text(run.path("cases", f"{name}.md"), md)

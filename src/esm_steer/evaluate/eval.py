@@ -32,15 +32,20 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from esm_steer.engine import require_steering
+from esm_steer.esm import artifacts
 from esm_steer.evaluate import records as R
 from esm_steer.evaluate import report
+from esm_steer.evaluate.case_markdown import write_cases
+from esm_steer.evaluate.diagnostics import write_diagnostics
+from esm_steer.evaluate.figures import accuracy_vs_budget, steering_diagnostics_figure, tokens_histogram
+from esm_steer.evaluate.stats import TRUNCATION_WARN_RATE, summarize
 from esm_steer.io import JsonlAppender, atomic_write_json
 from esm_steer.runs import Run, RunError, resolve_run_path
 from esm_steer.splits import check_no_overlap
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_DIRS = ("library", "memory")
+ARTIFACT_DIRS = (artifacts.LIBRARY_DIR, artifacts.MEMORY_DIR)
 OFFLINE_STAGES = ("mine", "select", "memory")
 
 
@@ -270,22 +275,21 @@ def apply_best_of(cfg: DictConfig, run: Run) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     from esm_steer.config import validate
-    from esm_steer.evaluate import suite
+    from esm_steer.evaluate.jobs import read_job
+    from esm_steer.evaluate.ranking import SUITE_RANKING, rank_configurations
 
     given = str(cfg.eval.best_of)
     sweep = next((p for p in _candidate_paths(given, str(cfg.outputs.root_dir)) if p.is_dir()), None)
     if sweep is None:
         raise RunError(f"eval.best_of={given}: no such suite dir (give outputs/_suite/<suite_id>)")
-    path = sweep / "tables" / suite.SUITE_RANKING
-    ranking = pd.read_csv(path) if path.exists() else suite.rank_configurations(sweep)
+    path = sweep / artifacts.TABLES_DIR / SUITE_RANKING
+    ranking = pd.read_csv(path) if path.exists() else rank_configurations(sweep)
     if ranking is None or len(ranking) == 0:
-        raise RunError(
-            f"eval.best_of={given}: no finished job with an esm row in {sweep} (tables/{suite.SUITE_RANKING})"
-        )
+        raise RunError(f"eval.best_of={given}: no finished job with an esm row in {sweep} (tables/{SUITE_RANKING})")
     best = ranking.iloc[0]
     if str(best["split"]) == "test":
         raise RunError(f"eval.best_of={given}: the suite was ranked on the test split; tune with eval.split=val")
-    job = suite.read_job(int(best["job_num"]), sweep / str(int(best["job_num"])))
+    job = read_job(int(best["job_num"]), sweep / str(int(best["job_num"])))
     extra = []
     if "eval.artifact_run_dir" not in {_override_key(o) for o in job.override_list} and has_artifacts(job.dir):
         extra = [f"eval.artifact_run_dir={job.dir.resolve()}"]  # the job mined its own artifacts
@@ -367,7 +371,8 @@ def shared_greedy_dir(cfg: DictConfig, run: Run, artifact_dir: Path | None) -> P
     digest = hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:8]
     from esm_steer.esm import common
 
-    return Path(artifact_dir) / "eval" / f"greedy_{common.eval_split(cfg)}_T{int(cfg.decode.max_new_tokens)}_{digest}"
+    name = f"greedy_{common.eval_split(cfg)}_T{int(cfg.decode.max_new_tokens)}_{digest}"
+    return Path(artifact_dir) / artifacts.EVAL_DIR / name
 
 
 def sync_shared_greedy(
@@ -380,7 +385,7 @@ def sync_shared_greedy(
     """Under the shared dir's lock: generate what the shared store lacks (when asked), then copy
     this run's examples from it into the run's own records. Returns the generation seconds."""
     with locked(shared):
-        store = R.open_records(shared / "per_example.jsonl", fp)
+        store = R.open_records(shared / artifacts.PER_EXAMPLE, fp)
         wall = generate_missing(store) if generate_missing is not None else 0.0
         have = {r["id"]: r for r in store.records}
         new = [have[i] for i in ids if i in have and i not in appender.done_keys]
@@ -398,7 +403,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         cfg = run.cfg = apply_best_of(cfg, run)
     t_max = int(cfg.decode.max_new_tokens)
     methods = eval_methods(cfg)
-    require_steering(cfg.model.backend if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
+    require_steering(cfg.model if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
     if cfg.online.variant != "esm" and "esm" in cfg.eval.methods:
         log.info(
             "online.variant=%s: method esm runs that variant (its row is labelled %s)",
@@ -462,7 +467,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         by_method[method] = [recs[i] for i in ids if i in recs]  # this run's examples, in order
         check_error_rate(method, by_method[method], float(cfg.eval.max_error_rate), appender.path)
         atomic_write_json(
-            run.path("eval", tag, "meta.json"),
+            run.path(artifacts.EVAL_DIR, tag, artifacts.EVAL_META),
             {
                 "method": method,
                 "model_id": model_id_of(engine, run, tags.values()),
@@ -478,7 +483,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         log.info(
             "eval %s: accuracy %.3f on %d (%.1fs generation this run)",
             method,
-            report.summarize(by_method[method])["accuracy"],
+            summarize(by_method[method])["accuracy"],
             len(by_method[method]),
             wall,
         )
@@ -503,8 +508,8 @@ def check_error_rate(method: str, records: Sequence[dict], max_rate: float, path
 def warn_truncation(by_method: dict, t_max: int) -> None:
     """One warning per method whose responses hit T_max too often: the budget is too small."""
     for method, recs in by_method.items():
-        rate = report.summarize(recs)["truncation_rate"] if recs else 0.0
-        if rate > report.TRUNCATION_WARN_RATE:
+        rate = summarize(recs)["truncation_rate"] if recs else 0.0
+        if rate > TRUNCATION_WARN_RATE:
             log.warning(
                 "eval %s: %.0f%% of %d responses stopped at T_max=%d (finish_reason=length, > %.0f%%): "
                 "raise decode.max_new_tokens (default task.budget)",
@@ -512,7 +517,7 @@ def warn_truncation(by_method: dict, t_max: int) -> None:
                 100 * rate,
                 len(recs),
                 t_max,
-                100 * report.TRUNCATION_WARN_RATE,
+                100 * TRUNCATION_WARN_RATE,
             )
 
 
@@ -525,7 +530,7 @@ def model_id_of(engine, run: Run, tags) -> str | None:
     import json
 
     for tag in tags:
-        meta = run.path("eval", tag, "meta.json")
+        meta = run.path(artifacts.EVAL_DIR, tag, artifacts.EVAL_META)
         if meta.exists():
             mid = json.loads(meta.read_text()).get("model_id")
             if mid:
@@ -547,16 +552,16 @@ def write_reports(
     )
     main_methods = [m for m in dict.fromkeys(method_label(cfg, m) for m in cfg.eval.methods) if m in by_method]
     main = report.results_table(by_method, main_methods, **common_args)
-    report.write_csv(main, run.path("tables", "main_results_single.csv"))
+    report.write_csv(main, run.path(artifacts.TABLES_DIR, artifacts.MAIN_TABLE))
     abl = None
     if cfg.eval.ablations:
         abl_labels = dict.fromkeys(method_label(cfg, m) for m in ["esm", *cfg.eval.ablations])
         abl_methods = [m for m in abl_labels if m in by_method]
         abl = report.results_table(by_method, abl_methods, **common_args)
-        report.write_csv(abl, run.path("tables", "ablation.csv"))
-    diag = report.write_diagnostics(
+        report.write_csv(abl, run.path(artifacts.TABLES_DIR, artifacts.ABLATION_TABLE))
+    diag = write_diagnostics(
         by_method,
-        run.path("tables"),
+        run.path(artifacts.TABLES_DIR),
         t_max,
         extra={
             "dataset": str(cfg.task.dataset),
@@ -565,9 +570,9 @@ def write_reports(
         },
     )
     figures = (
-        ("tokens histogram", lambda: report.tokens_histogram(by_method, run.path("figures"), t_max)),
-        ("accuracy vs budget", lambda: report.accuracy_vs_budget(by_method, run.path("figures"), t_max)),
-        ("steering diagnostics", lambda: report.steering_diagnostics_figure(diag, run.path("figures"), t_max)),
+        ("tokens histogram", lambda: tokens_histogram(by_method, run.path("figures"), t_max)),
+        ("accuracy vs budget", lambda: accuracy_vs_budget(by_method, run.path("figures"), t_max)),
+        ("steering diagnostics", lambda: steering_diagnostics_figure(diag, run.path("figures"), t_max)),
     )
     for name, draw in figures:
         try:
@@ -576,7 +581,7 @@ def write_reports(
             log.warning("%s figure failed: %s: %s", name, type(e).__name__, e)
     esm = method_label(cfg, "esm")
     if "greedy" in by_method and esm in by_method:
-        path = report.write_cases(
+        path = write_cases(
             by_method["greedy"],
             by_method[esm],
             run.path("cases", f"cases_T{t_max}.md"),
@@ -586,7 +591,8 @@ def write_reports(
             esm,
         )
         log.info("cases: %s", path)
-    log.info("main results (%s):\n%s", run.path("tables", "main_results_single.csv"), report.format_table(main))
+    tables = run.path(artifacts.TABLES_DIR)
+    log.info("main results (%s):\n%s", tables / artifacts.MAIN_TABLE, report.format_table(main))
     if abl is not None:
-        log.info("ablation (%s):\n%s", run.path("tables", "ablation.csv"), report.format_table(abl))
+        log.info("ablation (%s):\n%s", tables / artifacts.ABLATION_TABLE, report.format_table(abl))
     return main, abl

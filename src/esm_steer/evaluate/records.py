@@ -1,4 +1,4 @@
-"""Per-example eval records: building them from a generation, naming where they go, reading them.
+"""Per-example eval records: building them from a generation, naming where they go, resuming them.
 
 One record per (method, example) in ``eval/<tag>/per_example.jsonl``::
 
@@ -16,13 +16,16 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from omegaconf import OmegaConf
 
 from esm_steer import provenance
-from esm_steer.io import read_jsonl
-
-if TYPE_CHECKING:
-    from esm_steer.io import JsonlAppender
+from esm_steer.config import ONLINE_METHODS
+from esm_steer.data.grading import extract_answer
+from esm_steer.data.tasks import grade, kind_for_task
+from esm_steer.esm import artifacts
+from esm_steer.io import JsonlAppender
 
 FINISH_ERROR = "error"  # generation raised; the record keeps the message in "error"
 RECORD_FIELDS = (
@@ -38,7 +41,6 @@ RECORD_FIELDS = (
     "budget_used",
     "steps",
 )
-ONLINE_METHODS = ("esm", "no_memory", "no_probing", "static")  # methods that run the online policy
 
 
 def method_tag(method: str, t_max: int, tag: str | None = None) -> str:
@@ -48,7 +50,7 @@ def method_tag(method: str, t_max: int, tag: str | None = None) -> str:
 
 
 def per_example_path(run_dir: str | Path, tag: str) -> Path:
-    return Path(run_dir) / "eval" / tag / "per_example.jsonl"
+    return Path(run_dir) / artifacts.EVAL_DIR / tag / artifacts.PER_EXAMPLE
 
 
 def jsonable(x: Any) -> Any:
@@ -81,9 +83,6 @@ def build_record(
     method: str | None = None,
 ) -> dict:
     """One per-example record; grading never raises (a broken response is simply wrong)."""
-    from esm_steer.data.grading import extract_answer
-    from esm_steer.data.tasks import grade, kind_for_task
-
     response = response or ""
     try:
         pred = extract_answer(response, kind_for_task(task)) if response.strip() else None
@@ -142,20 +141,12 @@ def error_record(example, task: str, message: str, **kw) -> dict:
     return build_record(example, "", FINISH_ERROR, 0, task, error=message, **kw)
 
 
-def read_records(run_dir: str | Path, tag: str) -> list[dict]:
-    return read_jsonl(per_example_path(run_dir, tag))
-
-
 # ---------------------------------------------------------------- resuming safely
-
-FINGERPRINT = "fingerprint.json"
 
 
 def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) -> dict:
     """What a record depends on: a resumed run must not mix records made under other settings
     (the tag names only method and T_max; online.* knobs, model, prompt live here)."""
-    from omegaconf import OmegaConf
-
     plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     fp = {
         "methods": list(methods),
@@ -181,14 +172,12 @@ def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) ->
 def open_records(path: str | Path, fp: dict, key: Any = "id") -> JsonlAppender:
     """The resumable record log at ``path``; RunError (one line) when records already there
     were made under another fingerprint, so a rerun never silently mixes settings."""
-    from esm_steer.io import JsonlAppender
-
     path = Path(path)
     appender = JsonlAppender(path, key=key)
     provenance.check_or_write(
-        path.parent / FINGERPRINT,
+        path.parent / artifacts.FINGERPRINT,
         fp,
-        f"{path.parent} holds {len(appender.records)} records",
+        f"{path} holds {len(appender.records)} records",
         "set eval.tag, use a new run (outputs.run_id), or delete that dir",
         check=bool(appender.records),
     )
