@@ -1,4 +1,4 @@
-"""Benchmark the HF engine on the embedded model (bf16, CPU) and print the ratios of issue 3.
+"""Benchmark the HF engine on the embedded model (bf16, CPU) against vLLM, and print the ratios.
 
     python scripts/bench_engine.py                    # defaults: a few minutes on 1 thread
     python scripts/bench_engine.py --threads 2 --new-tokens 64
@@ -10,7 +10,11 @@ ratio alike:
   3. n=16 continuations of a 256-token prefix: KV fork vs re-encoding each    (goal >= 3x)
   4. HF vs vLLM unsteered tokens/s, and vLLM steered (engine/vllm_steer.py, a different vector
      on every row) vs unsteered, where vLLM is installed                       (goal >= 0.8)
-EOS is disabled during the timed decodes so every row decodes exactly --new-tokens tokens.
+  5. ESM eval wall time (the online policy, docs/method.md) on the same --esm-questions arith
+     questions (the debug preset's prompt and control points), HF vs vLLM, chunk by chunk in
+     turn; the library and memory are built from the model's own states (3 tools), or read
+     from a run's artifacts with --artifacts <run dir> (its library/ and memory/)
+EOS is disabled during the timed decodes of 1-3 so every row decodes exactly --new-tokens tokens.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from esm_steer.config import ModelConfig  # noqa: E402
+from esm_steer.config import ControlPointsConfig, ModelConfig, OnlineConfig  # noqa: E402
 from esm_steer.engine import SamplingSpec, load_engine, vllm_steer  # noqa: E402
 
 QUESTIONS = [
@@ -83,6 +88,54 @@ def fork_vs_reencode(engine, prefix, n, cont_tokens):
     return t_fork, t_re, t_ready_fork, t_ready_re
 
 
+def esm_artifacts(engine, prompts, artifacts: str | None):
+    """(library, memory): a run's, or 3 tools from the model's states at the first prompts."""
+    from esm_steer.esm.library import Library, Tool
+    from esm_steer.esm.memory import Memory, l2_normalise
+
+    if artifacts:
+        return Library.load(artifacts), Memory.load(artifacts)
+    last = torch.stack([h[-1] for h in engine.hidden_states(prompts[:3])])
+    scale, d, g = float(last.norm(dim=-1).mean()), last.shape[1], torch.Generator().manual_seed(0)
+    tools, keys, entries = [], [], []
+    for i, q in enumerate([0.5, 0.3, 0.8]):
+        v = torch.randn(d, generator=g)
+        states = torch.stack([last[(i + j) % 3] + 0.05 * scale / d**0.5 * torch.randn(d, generator=g) for j in (0, 1)])
+        tools.append(Tool(f"t{i}", f"q{i}", 0, q, 0.3 * scale * v / v.norm(), states.mean(0), states))
+        for s in states:
+            entries.append({"entry_id": len(entries), "tool_id": f"t{i}", "question_id": f"q{i}", "m": 0, "Q": q})
+            keys.append(s.numpy())
+    return Library(tools, {"hidden_size": d}), Memory(l2_normalise(np.stack(keys)), entries, {"normalised": True})
+
+
+def esm_eval_wall(engines, n_questions: int, artifacts: str | None, chunk: int = 16):
+    """Seconds of the online policy (esm, debug preset) per engine on the same arith questions,
+    the engines taking the chunks in turn; and whether their kept tokens agree."""
+    from hydra import compose, initialize_config_module
+
+    import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
+    from esm_steer.esm import common
+    from esm_steer.esm.online import OnlinePolicy
+
+    with initialize_config_module(config_module="esm_steer.conf", version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["experiment=debug"])
+    examples = common.load_examples(cfg, common.eval_split(cfg), n_questions)
+    prompts = common.prompt_ids(engines[0], cfg, examples)
+    library, memory = esm_artifacts(engines[0], prompts, artifacts)
+    online = OnlineConfig(**{k: cfg.online[k] for k in cfg.online if k in OnlineConfig.__dataclass_fields__})
+    cp = ControlPointsConfig(segment_delimiter=cfg.control_points.segment_delimiter, M=cfg.control_points.M)
+    T = int(cfg.decode.max_new_tokens)
+    spent, tokens = [0.0] * len(engines), [[] for _ in engines]
+    for lo in range(0, len(prompts), chunk):
+        for k, e in enumerate(engines):
+            t0 = time.perf_counter()
+            out = OnlinePolicy(e, library, memory, online, cp).run(prompts[lo : lo + chunk], T)
+            spent[k] += time.perf_counter() - t0
+            tokens[k] += [r.token_ids for r in out]
+    same = sum(a == b for a, b in zip(tokens[0], tokens[-1]))
+    return spent, same, len(prompts)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
@@ -94,6 +147,8 @@ def main():
     ap.add_argument("--n-cont", type=int, default=16)
     ap.add_argument("--cont-tokens", type=int, default=8, help="tokens per continuation (probes: 4-8)")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--esm-questions", type=int, default=64, help="arith questions of the ESM eval timing (0: skip)")
+    ap.add_argument("--artifacts", default=None, help="a run dir whose library/ and memory/ the ESM timing uses")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -147,14 +202,13 @@ def main():
         t0 = time.perf_counter()
         out = engine.generate(p16, spec)
         hf_tps = sum(s.num_tokens for r in out for s in r) / (time.perf_counter() - t0)
-        engine.close()
         veng = load_engine(
             ModelConfig(gguf_file="embedded", dtype=args.dtype, backend="vllm", enforce_eager=True), seed=0
         )
         vllm_steer.install(veng)  # eager engine: the per-request steering hook at layer ℓ
         veng.generate(p16[:2], SamplingSpec(max_new_tokens=4))
         g = torch.Generator().manual_seed(0)
-        ranges = [[(len(p), 10**9, torch.randn(veng.info.hidden_size, generator=g))] for p in p16]  # one per row
+        ranges = [[(len(p), 10**9, torch.randn(veng.info.hidden_size, generator=g), 1.0)] for p in p16]  # one per row
         spent, toks = [0.0, 0.0], [0, 0]
         for _ in range(2):  # unsteered and steered (a different vector on every row), interleaved
             for k in (0, 1):
@@ -172,6 +226,13 @@ def main():
             f"HF / vLLM unsteered tokens/s: {hf_tps / v_tps:.2f}\n"
             f"  vLLM steered / unsteered tokens/s (eager): {vs_tps / v_tps:.3f}   (>= 0.8)"
         )
+        if args.esm_questions > 0:
+            (t_hf, t_v), same, n = esm_eval_wall([engine, veng], args.esm_questions, args.artifacts)
+            vllm_note += (
+                f"\n  ESM eval (online policy, debug preset) on {n} arith questions: HF {t_hf:.1f} s, "
+                f"vLLM {t_v:.1f} s (HF / vLLM {t_hf / t_v:.2f}); same kept tokens on {same}/{n}"
+            )
+        veng.close()
 
     print(f"\n{'measurement':45s} {'tok/s':>8s}")
     for name, v in rows:

@@ -179,8 +179,8 @@ def test_tau_null_forces_null(engine, artifacts, prompts, greedy):
 
 def test_no_probing_never_probes(engine, artifacts, prompts, monkeypatch):
     forks = []
-    orig = HFDecodeBatch.fork
-    monkeypatch.setattr(HFDecodeBatch, "fork", lambda self, *a, **k: forks.append(a) or orig(self, *a, **k))
+    orig = HFDecodeBatch.fork_many  # fork() goes through it too
+    monkeypatch.setattr(HFDecodeBatch, "fork_many", lambda self, *a, **k: forks.append(a) or orig(self, *a, **k))
     results = run(engine, artifacts, prompts, variant="no_probing", beta=2.0)
     assert forks == [] and all(r.probe_tokens_used == 0 for r in results)
     for s in (s for r in results for s in r.steps if s["candidates"]):
@@ -361,10 +361,15 @@ def test_eos_in_probe(engine, artifacts, prompts):
 
 
 def _capture_steer(monkeypatch) -> list:
-    """Every vector set on a decode row (None: no steering)."""
+    """Every vector set on a decode row, times its scale (None: no steering)."""
     seen = []
     orig = HFDecodeBatch.set_steer
-    monkeypatch.setattr(HFDecodeBatch, "set_steer", lambda self, row, v: seen.append(v) or orig(self, row, v))
+
+    def spy(self, row, v, scale=1.0):
+        seen.append(None if v is None else v * scale)
+        return orig(self, row, v, scale)
+
+    monkeypatch.setattr(HFDecodeBatch, "set_steer", spy)
     return seen
 
 
@@ -373,8 +378,8 @@ def test_static_steers_every_control_point_with_one_vector(engine, artifacts, pr
     library, _ = artifacts
     seen = _capture_steer(monkeypatch)
     forks = []
-    orig_fork = HFDecodeBatch.fork
-    monkeypatch.setattr(HFDecodeBatch, "fork", lambda self, *a, **k: forks.append(a) or orig_fork(self, *a, **k))
+    orig_fork = HFDecodeBatch.fork_many
+    monkeypatch.setattr(HFDecodeBatch, "fork_many", lambda self, *a, **k: forks.append(a) or orig_fork(self, *a, **k))
     k = 2.0
     policy = OnlinePolicy(engine, library, RaisingMemory(), cfg(variant="static", static_vector=how, k_scale=k), CP)
     results = policy.run(prompts, T_MAX)

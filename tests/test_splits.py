@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
 from esm_steer.config import ConfigError, validate
 from esm_steer.data.arith import generate
-from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX, TASKS, load_split
+from esm_steer.data.rows import DAPO_PREFIX, DAPO_SUFFIX
+from esm_steer.data.tasks import TASKS, load_split
 from esm_steer.esm import common
 from esm_steer.esm import mine as mine_stage
 from esm_steer.evaluate import eval as ev

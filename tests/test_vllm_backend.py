@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from esm_steer.engine import vllm_steer
 from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, EngineInfo, SamplingSpec
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -64,11 +65,29 @@ def test_stop_string_keeps_completing_token(tokenizer):
     assert s.finish_reason == FINISH_LENGTH and s.token_ids == [5, 6]
 
 
-def test_start_refuses_on_vllm(tokenizer):
+def test_vllm_batch_rows_keep_their_steering_ranges(tokenizer):
+    """set_steer closes the open range at the first position not yet forwarded; forks copy it."""
     eng = _engine(tokenizer)
-    assert eng.supports_steering is False
-    with pytest.raises(NotImplementedError, match="HF backend"):
-        eng.start([[1, 2]])
+    eng.steer_installed = True  # no workers: only the Python side of the batch runs here
+    batch = eng.start([[5, 6, 7], [8, 9]], segment_delimiter="\n", max_new_tokens=4)
+    r0, r1 = batch.active_rows()
+    v, w = torch.ones(64), torch.full((64,), 2.0)
+    batch.set_steer(r0, v, 0.5)
+    batch._rows[r0].tokens += [11, 12]  # as if two tokens were decoded
+    (f,) = batch.fork(r0, 1)
+    batch.set_steer(f, w, 3.0)
+    batch.set_steer(r0, None)
+    assert [(a, b, s) for a, b, _, s in batch.ranges(f)] == [(3, 4, 0.5), (5, vllm_steer.OPEN, 3.0)]
+    assert [(a, b) for a, b, _, _ in batch.ranges(r0)] == [(3, 4)] and batch.ranges(r1) == []
+    batch.set_steer(f, v, 1.0)  # again at the same position: replaces the range that starts there
+    assert [s for *_, s in batch.ranges(f)] == [0.5, 1.0]
+    extra = vllm_steer.steer_args(batch.ranges(f), 64)
+    # a block under the first range only vs. one across both: keys differ, clipped to the block
+    assert vllm_steer.block_keys(extra, 0, 4)[0][1:3] == (3, 3)
+    assert [k[1:3] for k in vllm_steer.block_keys(extra, 4, 8)] == [(4, 4), (5, 7)]
+    assert vllm_steer.block_keys({}, 0, 4) == [] and vllm_steer.block_keys(extra, 0, 3) == []
+    with pytest.raises(ValueError, match="hidden size"):
+        batch.set_steer(r1, torch.ones(3))
 
 
 def test_hidden_states_from_lazy_hf_copy_equal_hf_engine(tmp_path, tokenizer, tiny_model, tiny_engine):
@@ -77,7 +96,7 @@ def test_hidden_states_from_lazy_hf_copy_equal_hf_engine(tmp_path, tokenizer, ti
 
     tiny_model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
-    cfg = ModelConfig(name_or_path=str(tmp_path / "tiny"), gguf_file=None, dtype="float32", device="cpu")
+    cfg = ModelConfig(name_or_path=str(tmp_path / "tiny"), gguf_file=None, dtype="float32", device="cpu", steer_layer=1)
     eng = VLLMEngine(
         llm=None,
         tokenizer=tokenizer,
@@ -109,19 +128,22 @@ class _CountingLLM:
 
 
 def test_require_steering_is_one_line(tokenizer, tiny_engine):
-    from esm_steer.config import ConfigError
+    """Steered methods run on vLLM in eager mode only: a compiled engine or config refuses."""
+    from esm_steer.config import ConfigError, ModelConfig
     from esm_steer.engine import require_steering, supports_steering
 
     eng = _engine(tokenizer)
-    for target in (eng, "vllm"):
+    eng.supports_steering = False  # what from_config sets for enforce_eager=false
+    for target in (eng, ModelConfig(backend="vllm", enforce_eager=False)):
         with pytest.raises(ConfigError) as e:
             require_steering(target, ["esm", "no_probing"])
         msg = str(e.value)
         assert "\n" not in msg and "esm, no_probing" in msg and "model.backend=vllm" in msg
-        require_steering(target, [])  # greedy alone runs on vLLM
+        assert "model.enforce_eager=true" in msg
+        require_steering(target, [])  # greedy alone runs on compiled vLLM
     require_steering(tiny_engine, ["esm"])
-    require_steering("hf", ["esm"])
-    assert supports_steering(tiny_engine) and supports_steering("hf") and not supports_steering("vllm")
+    require_steering(ModelConfig(backend="vllm", enforce_eager=True), ["esm"])
+    assert supports_steering(tiny_engine) and supports_steering("hf") and supports_steering(_engine(tokenizer))
 
 
 @pytest.mark.parametrize("stage", ["eval", "case"])
@@ -136,6 +158,7 @@ def test_eval_and_case_refuse_steered_methods_on_vllm_before_generating(tmp_path
 
     eng = _engine(tokenizer)
     eng.llm = _CountingLLM()
+    eng.supports_steering = False  # compiled vLLM
     overrides = ["model.backend=vllm", "eval.methods=[greedy,esm]"]
     overrides += ["eval.example_ids=[0]"] if stage == "case" else []
     with initialize_config_module(config_module="esm_steer.conf", version_base="1.3"):
@@ -145,14 +168,15 @@ def test_eval_and_case_refuse_steered_methods_on_vllm_before_generating(tmp_path
     assert eng.llm.calls == 0 and not list(tmp_path.rglob("per_example.jsonl"))
 
 
-def test_cli_eval_on_vllm_refuses_in_one_line(tmp_path):
+def test_cli_eval_on_compiled_vllm_refuses_in_one_line(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "esm-eval"
+    args = ["experiment=debug", "model.backend=vllm", "model.enforce_eager=false", f"outputs.root_dir={tmp_path}/out"]
     r = subprocess.run(
-        [str(exe), "experiment=debug", "model.backend=vllm", f"outputs.root_dir={tmp_path}/out"],
+        [str(exe), *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -1,6 +1,6 @@
 """Per-request steering in vLLM (engine/vllm_steer.py): the hook's token -> (request, position)
-mapping on stand-in runner objects everywhere; against the HF engine's steered decode on the
-real embedded model where vLLM is installed (``make test-vllm``)."""
+mapping and its capture on stand-in runner objects everywhere; against the HF engine's steered
+decode on the real embedded model where vLLM is installed (``make test-vllm``)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,18 @@ from esm_steer.engine.base import SamplingSpec
 from test_vllm_backend import need_vllm
 
 
-def _runner(req_ranges: dict, req_ids: list[str], counts: list[int], positions: list[int]):
+def _runner(req_ranges: dict, req_ids: list[str], counts: list[int], positions: list[int], capture=None):
     qsl = [0]
     for c in counts:
         qsl.append(qsl[-1] + c)
 
-    def params(rs):
-        return SimpleNamespace(extra_args={vllm_steer.STEER_KEY: rs} if rs else None)
+    def params(rid, rs):
+        extra = {vllm_steer.STEER_KEY: rs} if rs else {}
+        if capture and rid in capture:
+            extra[vllm_steer.CAPTURE_KEY] = capture[rid]
+        return SimpleNamespace(extra_args=extra or None)
 
-    requests = {r: SimpleNamespace(sampling_params=params(rs)) for r, rs in req_ranges.items()}
+    requests = {r: SimpleNamespace(sampling_params=params(r, rs)) for r, rs in req_ranges.items()}
     return SimpleNamespace(
         input_batch=SimpleNamespace(req_ids=req_ids),
         requests=requests,
@@ -32,11 +35,11 @@ def _runner(req_ranges: dict, req_ids: list[str], counts: list[int], positions: 
 
 
 def test_hook_adds_each_tokens_range_vector_for_its_request():
-    v1, v2, v3 = ([float(k)] * 4 for k in (1, 10, 100))
-    # request a: prefill chunk of positions 3..6, ranges [4, 5] -> v1 and [6, 9] -> v2; b: decode at 9, unsteered;
-    # c: decode at 2 with a range that starts later
+    v1, v2, v3 = ([float(k)] * 4 for k in (1, 5, 50))
+    # request a: prefill chunk of positions 3..6, ranges [4, 5] -> v1 and [6, 9] -> 2·v2; b: decode at 9,
+    # unsteered; c: decode at 2 with a range that starts later
     runner = _runner(
-        {"a": [(4, 5, v1), (6, 9, v2)], "b": [], "c": [(3, 8, v3)]},
+        {"a": [(4, 5, v1, 1.0), (6, 9, v2, 2.0)], "b": [], "c": [(3, 8, v3, 2.0)]},
         ["a", "b", "c"],
         [4, 1, 1],
         [3, 4, 5, 6, 9, 2, 0, 0],
@@ -59,11 +62,27 @@ def test_hook_leaves_unsteered_steps_untouched():
     assert vllm_steer._SteerHook(runner)(None, (), (torch.zeros(1, 4), torch.zeros(1, 4))) is None
 
 
-def test_cache_salt_separates_steering():
-    a, b = [(5, 9, [1.0, 2.0])], [(5, 9, [1.0, 2.5])]
-    assert vllm_steer.cache_salt([]) is None
-    assert vllm_steer.cache_salt(a) == vllm_steer.cache_salt([(5, 9, [1.0, 2.0])])
-    assert len({vllm_steer.cache_salt(a), vllm_steer.cache_salt(b), vllm_steer.cache_salt([(5, 10, [1.0, 2.0])])}) == 3
+def test_hook_captures_the_pre_steering_stream_at_the_asked_position():
+    runner = _runner({"a": [(0, 9, [1.0] * 4, 1.0)], "b": []}, ["a", "b"], [3, 2], [4, 5, 6, 0, 1], {"a": ["ta", 5]})
+    runner.requests["b"].sampling_params.extra_args = {vllm_steer.CAPTURE_KEY: ["tb", 1]}
+    hook = vllm_steer._SteerHook(runner)
+    hidden, residual = torch.arange(20.0).reshape(5, 4), torch.ones(5, 4)
+    out, _ = hook(None, (), (hidden, residual))
+    # hidden + residual (the stream) before the vector is added; b is unsteered and still captured
+    assert hook.captured == {"ta": (hidden[1] + 1).tolist(), "tb": (hidden[4] + 1).tolist()}
+    assert torch.equal(out[:3], hidden[:3] + 1) and torch.equal(out[3:], hidden[3:])
+
+
+def test_block_keys_separate_steering_and_share_equal_prefixes():
+    def keys(ranges, start, end):
+        return vllm_steer.block_keys(vllm_steer.steer_args(ranges, 2), start, end)
+
+    v = [1.0, 2.0]
+    a, b = [(5, 9, v, 1.0)], [(5, 9, v, 1.5)]
+    assert keys(a, 0, 5) == [] and keys([], 0, 16) == []  # unsteered blocks hash as in plain vLLM
+    assert keys(a, 0, 8) == keys([(5, vllm_steer.OPEN, v, 1.0)], 0, 8)  # an open range = a closed one, clipped
+    assert keys(a, 0, 8) != keys(b, 0, 8) and keys(a, 0, 8) != keys([(5, 9, [1.0, 2.5], 1.0)], 0, 8)
+    assert keys(a, 8, 16) != keys([(5, 8, v, 1.0)], 8, 16)
 
 
 # ---------------------------------------------------------------- real vLLM
@@ -115,7 +134,7 @@ def test_vllm_steered_equals_hf_steered_decode_with_and_without_prefix_cache(eng
     ref = [_hf_steered(hf, p, 6, v1, v2, spec.max_new_tokens) for p in prompts]
     plain = [s[0].token_ids for s in hf.generate(prompts, spec)]
     assert ref != plain  # the steering changes the tokens, so equality below means something
-    ranges = [[(len(p), len(p) + 5, v1), (len(p) + 6, 10**9, v2)] for p in prompts]
+    ranges = [[(len(p), len(p) + 5, v1, 1.0), (len(p) + 6, 10**9, v2, 1.0)] for p in prompts]
     # one steered and one unsteered request in the same batch; the prompts are in the prefix cache
     v.generate(prompts, spec)
     mixed = vllm_steer.steered_generate(v, prompts, [ranges[0], []], spec)
@@ -135,12 +154,12 @@ def test_vllm_never_reuses_kv_computed_under_other_steering(engines):
     prompt = hf.encode_chat("Name three colours.")
     (v1,) = _vectors(hf, prompt, 1)
     P = len(prompt)
-    first = vllm_steer.steered_generate(v, [prompt], [[(P, 10**9, v1)]], SamplingSpec(max_new_tokens=48))[0][0]
+    first = vllm_steer.steered_generate(v, [prompt], [[(P, 10**9, v1, 1.0)]], SamplingSpec(max_new_tokens=48))[0][0]
     head = prompt + first.token_ids[: 64 - P + 8]  # KV blocks 0..31 and 32..63 full, the second one steered
     assert P < 32 + 8 and first.num_tokens >= len(head) - P + 8, "the steered rollout stopped too early"
     n = len(head) - P
     spec = SamplingSpec(max_new_tokens=8)
-    cont = vllm_steer.steered_generate(v, [head], [[(P, 10**9, v1)]], spec)[0][0].token_ids  # hits both blocks
+    cont = vllm_steer.steered_generate(v, [head], [[(P, 10**9, v1, 1.0)]], spec)[0][0].token_ids  # hits both blocks
     assert cont == first.token_ids[n : n + 8]
     unsteered, want = v.generate([head], spec)[0][0], hf.generate([head], spec)[0][0]
     assert unsteered.token_ids == want.token_ids and unsteered.token_ids != cont

@@ -26,7 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from esm_steer.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +184,6 @@ def prepare_job(cfg: DictConfig) -> str | None:
     """Called first thing in every job (cli.run_stage). In a multirun: claim this worker's GPU
     (or set one thread per CPU job), log it and write ``<job dir>/gpu.txt``; returns the GPU
     id or None. Outside a multirun it does nothing."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
@@ -222,7 +223,5 @@ def prepare_job(cfg: DictConfig) -> str | None:
             one_thread_per_job(cfg)
         what = "cpu"
         log.info("%s: CPU (launch.gpus empty, %d job(s) at once, pid %d)", job, cpu_jobs, os.getpid())
-    from esm_steer.io import atomic_write_text
-
     atomic_write_text(job_dir / GPU_FILE, what + "\n")
     return gpu

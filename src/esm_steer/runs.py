@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from esm_steer.io import RunError, atomic_write_json, atomic_write_text
@@ -90,8 +91,6 @@ class Run:
 
 def current_output_dir() -> Path:
     """Hydra's output dir for this job (run dir, or sweep subdir in a multirun)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 

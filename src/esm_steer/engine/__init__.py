@@ -19,16 +19,14 @@ from esm_steer.engine.base import (
     Sample,
     SamplingSpec,
 )
-
-VLLM_MISSING = "model.backend=vllm needs vLLM: make install-vllm (CPU) or pip install vllm (GPU)"
+from esm_steer.engine.base import VLLM_MISSING as VLLM_MISSING
+from esm_steer.engine.hf import HFEngine
 
 
 def load_engine(model_cfg, seed: int = 0) -> Engine:
     """The engine named by ``model_cfg.backend`` (a ModelConfig or a DictConfig with its fields)."""
     backend = str(getattr(model_cfg, "backend", "hf") or "hf")
     if backend == "hf":
-        from esm_steer.engine.hf import HFEngine
-
         return HFEngine.from_config(model_cfg, seed=seed)
     if backend == "vllm":
         # find_spec, not import: vLLM reads its environment at import (set by from_config)
@@ -40,28 +38,28 @@ def load_engine(model_cfg, seed: int = 0) -> Engine:
     raise ValueError(f"model.backend={backend} must be hf or vllm")
 
 
-def supports_steering(engine_or_backend) -> bool:
-    """Whether an engine (or a ``model.backend`` name) runs steered step-level decoding
-    (``engine.start``: the online ESM policy and its ablations)."""
-    if isinstance(engine_or_backend, str):
-        if engine_or_backend == "vllm":
-            from esm_steer.engine.vllm_backend import VLLMEngine  # vllm itself is not imported
+def supports_steering(target) -> bool:
+    """Whether an engine, a model config or a ``model.backend`` name runs steered step-level
+    decoding (``engine.start``: the online ESM policy and its ablations). vLLM does in eager
+    mode only (``model.enforce_eager=true``): compiled vLLM ignores the steering hook."""
+    if isinstance(target, str):
+        return target in ("hf", "vllm")
+    if hasattr(target, "backend"):  # a model config
+        return str(target.backend) == "hf" or (str(target.backend) == "vllm" and bool(target.enforce_eager))
+    return bool(target.supports_steering)
 
-            return VLLMEngine.supports_steering
-        return True
-    return bool(getattr(engine_or_backend, "supports_steering", True))
 
-
-def require_steering(engine_or_backend, methods: Sequence[str]) -> None:
+def require_steering(target, methods: Sequence[str]) -> None:
     """Refuse at start, with one line, when `methods` (those that need steered decoding)
-    cannot run on the engine or backend, instead of failing every example later."""
+    cannot run on the engine, model config or backend, instead of failing every example later."""
     methods = list(methods)
-    if not methods or supports_steering(engine_or_backend):
+    if not methods or supports_steering(target):
         return
-    backend = engine_or_backend if isinstance(engine_or_backend, str) else engine_or_backend.info.backend
+    backend = target if isinstance(target, str) else getattr(target, "backend", None) or target.info.backend
+    fix = " in eager mode only: add model.enforce_eager=true" if backend == "vllm" else ": use model.backend=hf"
     raise ConfigError(
-        f"method {', '.join(methods)} needs steered step-level decoding, which model.backend={backend} "
-        f"does not run yet: use model.backend=hf, or keep only greedy (eval.methods=[greedy] eval.ablations=[])"
+        f"method {', '.join(methods)} needs steered step-level decoding, which model.backend={backend} runs{fix}, "
+        f"or keep only greedy (eval.methods=[greedy] eval.ablations=[])"
     )
 
 

