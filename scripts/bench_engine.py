@@ -114,13 +114,13 @@ def esm_eval_wall(engines, n_questions: int, artifacts: str | None, chunk: int =
     from hydra import compose, initialize_config_module
 
     import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
-    from esm_steer.esm import common
+    from esm_steer import runtime
     from esm_steer.esm.online import OnlinePolicy
 
     with initialize_config_module(config_module="esm_steer.conf", version_base="1.3"):
         cfg = compose(config_name="eval", overrides=["experiment=debug"])
-    examples = common.load_examples(cfg, common.eval_split(cfg), n_questions)
-    prompts = common.prompt_ids(engines[0], cfg, examples)
+    examples = runtime.load_examples(cfg, runtime.eval_split(cfg), n_questions)
+    prompts = runtime.prompt_ids(engines[0], cfg, examples)
     library, memory = esm_artifacts(engines[0], prompts, artifacts)
     online = OnlineConfig(**{k: cfg.online[k] for k in cfg.online if k in OnlineConfig.__dataclass_fields__})
     cp = ControlPointsConfig(segment_delimiter=cfg.control_points.segment_delimiter, M=cfg.control_points.M)

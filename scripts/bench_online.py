@@ -95,8 +95,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
+    from esm_steer import runtime
     from esm_steer.engine import SamplingSpec, load_engine
-    from esm_steer.esm import common
     from esm_steer.esm.online import OnlinePolicy, summarize
 
     overrides = list(args.overrides)
@@ -106,8 +106,8 @@ def main() -> None:
     T = int(cfg.decode.max_new_tokens)
 
     engine = load_engine(cfg.model, cfg.seed)
-    examples = common.load_examples(cfg, cfg.task.eval_split, args.examples or "auto")
-    prompts = common.prompt_ids(engine, cfg, examples)
+    examples = runtime.load_examples(cfg, cfg.task.eval_split, args.examples or "auto")
+    prompts = runtime.prompt_ids(engine, cfg, examples)
 
     if args.artifact_run_dir:
         from esm_steer.esm.library import Library

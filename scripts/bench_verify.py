@@ -20,8 +20,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 import esm_steer.cli  # noqa: F401 - registers the schema and the resolvers
-from esm_steer import provenance
-from esm_steer.esm import common
+from esm_steer import provenance, runtime
 from esm_steer.esm.library import LIBRARY_DIR, Library, Tool, tool_id
 from esm_steer.esm.memory import MEMORY_DIR, build_memory
 from esm_steer.evaluate import eval as ev
@@ -63,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = cfg_for("eval")
-    engine = common.build_engine(cfg)
+    engine = runtime.build_engine(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "debug" / "bench"
         demo_sized_artifacts(run_dir, cfg, engine.info)

@@ -17,9 +17,10 @@ import torch
 from hydra import compose, initialize_config_module
 
 import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
+from esm_steer import pipelines, runtime
 from esm_steer.data.tasks import Example
 from esm_steer.engine.base import EngineInfo, Sample
-from esm_steer.esm import common
+from esm_steer.evaluate import best_of, methods
 from esm_steer.evaluate import eval as ev
 from esm_steer.evaluate import records as R
 from esm_steer.evaluate.report import TABLE_COLUMNS
@@ -122,9 +123,9 @@ def compose_cfg(overrides: list[str] | None = None, entry: str = "eval"):
 
 @pytest.fixture
 def fakes(monkeypatch):
-    monkeypatch.setattr(common, "load_examples", lambda cfg, split, max_examples="auto": list(EXAMPLES))
-    monkeypatch.setattr(common, "prompt_ids", lambda eng, cfg, exs: [[EXAMPLES.index(e)] for e in exs])
-    monkeypatch.setattr(ev, "make_policy", lambda engine, art, cfg, variant, cache: FakePolicy(variant))
+    monkeypatch.setattr(runtime, "load_examples", lambda cfg, split, max_examples="auto": list(EXAMPLES))
+    monkeypatch.setattr(runtime, "prompt_ids", lambda eng, cfg, exs: [[EXAMPLES.index(e)] for e in exs])
+    monkeypatch.setattr(methods, "make_policy", lambda engine, art, cfg, variant, cache: FakePolicy(variant))
 
 
 def make_artifacts(run_dir: Path) -> Path:
@@ -273,13 +274,13 @@ def test_greedy_needs_no_artifacts(tmp_path, fakes):
 def test_run_offline_if_missing_runs_the_stages_into_this_run(tmp_path, fakes, monkeypatch, caplog):
     ran = []
 
-    def offline(cfg, run):
+    def offline(cfg, run, engine=None):
         ran.append(run.dir)
         make_artifacts(run.dir)
 
-    monkeypatch.setattr(ev, "run_offline_stages", offline)
+    monkeypatch.setattr(pipelines, "run_offline", offline)
     cfg = compose_cfg(["eval.run_offline_if_missing=true", "eval.ablations=[no_memory]"])
-    with caplog.at_level("INFO", logger="esm_steer.evaluate.eval"):
+    with caplog.at_level("INFO", logger="esm_steer.evaluate"):
         ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine())
     assert ran == [tmp_path]
     said = [r.getMessage() for r in caplog.records if "offline stages" in r.getMessage()]
@@ -355,7 +356,7 @@ def test_a_finished_eval_reruns_without_a_model(tmp_path, fakes, monkeypatch):
     run = Run(make_artifacts(tmp_path), cfg)
     ev.run(cfg, run, engine=FakeEngine())
     (tmp_path / "tables" / "main_results_single.csv").unlink()
-    monkeypatch.setattr(common, "build_engine", lambda cfg: pytest.fail("no engine needed"))
+    monkeypatch.setattr(runtime, "build_engine", lambda cfg: pytest.fail("no engine needed"))
     ev.run(cfg, run)
     main = pd.read_csv(tmp_path / "tables" / "main_results_single.csv")
     assert len(main) == 2 and list(main["model"]) == ["fake", "fake"]
@@ -408,9 +409,9 @@ def test_online_no_memory_composes_to_the_no_memory_policy(lively_engine, three_
     library, _ = _tiny_library(lively_engine, three_prompts)
     label = ev.eval_methods(cfg)[1]
     cache = {"library": library, "memory": _NoSearch()}
-    policy = ev.make_policy(lively_engine, None, cfg, label, cache)
+    policy = methods.make_policy(lively_engine, None, cfg, label, cache)
     assert label == "no_memory" and policy.cfg.variant == "no_memory"
-    generate, _ = ev.make_generator(label, lively_engine, cfg, None, cache)
+    generate, _ = methods.make_generator(label, lively_engine, cfg, None, cache)
     results = generate(three_prompts)
     steps = [s for r in results for s in r.steps]
     assert steps and all(s["retrieved"] == [] for s in steps)  # no retrieval
@@ -443,12 +444,12 @@ def test_static_baseline_row_mean_budget_and_figures(tmp_path, fakes):
 
 def _eval_on_lively(tmp_path, name, engine, prompts, overrides, monkeypatch):
     exs = EXAMPLES[: len(prompts)]
-    monkeypatch.setattr(common, "load_examples", lambda cfg, split, max_examples="auto": list(exs))
-    monkeypatch.setattr(common, "prompt_ids", lambda eng, cfg, e: [prompts[exs.index(x)] for x in e])
+    monkeypatch.setattr(runtime, "load_examples", lambda cfg, split, max_examples="auto": list(exs))
+    monkeypatch.setattr(runtime, "prompt_ids", lambda eng, cfg, e: [prompts[exs.index(x)] for x in e])
     library, memory = _tiny_library(engine, prompts)
-    orig = ev.make_policy
+    orig = methods.make_policy
     monkeypatch.setattr(
-        ev,
+        methods,
         "make_policy",
         lambda eng, art, cfg, v, cache: orig(
             eng, art, cfg, v, cache.setdefault("library", library) and cache.setdefault("memory", memory) and cache
@@ -563,14 +564,14 @@ def test_best_of_overrides_keep_the_job_and_force_test():
         "online.k_scale=3",
         "outputs.run_id=x",
     ]
-    assert ev.best_of_overrides(job, cur) == [
+    assert best_of.best_of_overrides(job, cur) == [
         "experiment=debug",
         "+online.extra=1",
         "eval.methods=[greedy,esm,static]",
         "online.k_scale=3",
         "eval.split=test",
     ]
-    assert ev.best_of_overrides(job, [])[1:] == ["online.k_scale=2.0", "+online.extra=1", "eval.split=test"]
+    assert best_of.best_of_overrides(job, [])[1:] == ["online.k_scale=2.0", "+online.extra=1", "eval.split=test"]
 
 
 def test_best_of_runs_the_winner_once_on_test(tmp_path, fakes):

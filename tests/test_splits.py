@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
+from esm_steer import runtime
 from esm_steer.config import ConfigError, validate
 from esm_steer.data.arith import generate
 from esm_steer.data.rows import DAPO_PREFIX, DAPO_SUFFIX
 from esm_steer.data.tasks import TASKS, load_split
-from esm_steer.esm import common
 from esm_steer.esm import mine as mine_stage
 from esm_steer.evaluate import eval as ev
 from esm_steer.evaluate import records as R
@@ -107,7 +107,7 @@ def test_three_splits_disjoint_and_covering(task, tmp_path):
             tmp_path, task, sources["train_split"], files[sources["train_split"]] + [s.upper() + "  " for s in shared]
         )
 
-    got = {role: common.load_split(cfg, s) for role, s in splits.items()}
+    got = {role: runtime.load_split(cfg, s) for role, s in splits.items()}
     hashes = {role: {question_hash(e.question) for e in ex} for role, (ex, _) in got.items()}
     for a, b in (("train_split", "val_split"), ("train_split", "eval_split"), ("val_split", "eval_split")):
         assert not hashes[a] & hashes[b], (task, a, b)
@@ -178,9 +178,9 @@ def test_split_record_goes_to_the_mine_summary_and_questions_json(tmp_path, tiny
         ],
         entry="mine",
     )
-    monkeypatch.setattr(common, "build_engine", lambda cfg: tiny_engine)
+    monkeypatch.setattr(runtime, "build_engine", lambda cfg: tiny_engine)
     mine_stage.run(cfg, Run(tmp_path / "run", cfg))
-    train = common.load_examples(cfg, cfg.task.train_split)
+    train = runtime.load_examples(cfg, cfg.task.train_split)
     saved = json.loads((tmp_path / "run" / "mine" / "questions.json").read_text())
     assert saved["hashes"] == sorted(question_hash(e.question) for e in train) and saved["n"] == 4
     assert saved["split"]["split"] == "train" and saved["split"]["carve"] == {"train": 0.45, "val": 0.15, "test": 0.4}
@@ -197,9 +197,9 @@ def test_split_record_goes_to_the_mine_summary_and_questions_json(tmp_path, tiny
         "eval.methods=[esm]",
         f"eval.artifact_run_dir={tmp_path / 'run'}",
     ]
-    check_no_overlap(tmp_path / "run", common.load_examples(compose_cfg(eval_over), "test"))
+    check_no_overlap(tmp_path / "run", runtime.load_examples(compose_cfg(eval_over), "test"))
     cfg2 = compose_cfg(eval_over + ["task.split_seed=7"])
-    test2 = common.load_examples(cfg2, cfg2.task.eval_split)
+    test2 = runtime.load_examples(cfg2, cfg2.task.eval_split)
     n = sum(question_hash(e.question) in set(saved["hashes"]) for e in test2)
     assert n >= 1
     with pytest.raises(RunError) as err:
@@ -231,8 +231,8 @@ def test_eval_split_val_loads_val_and_keeps_its_records_apart(tmp_path, tiny_eng
     over = ["eval.methods=[greedy]", "task.max_eval_examples=2", "decode.max_new_tokens=3", "task.num_synthetic=50"]
     cfg_val = compose_cfg(over + ["eval.split=val"])
     cfg_test = compose_cfg(over)
-    assert common.eval_split(cfg_val) == "val" and common.eval_split(cfg_test) == "test"
-    val = common.load_examples(cfg_val, common.eval_split(cfg_val))
+    assert runtime.eval_split(cfg_val) == "val" and runtime.eval_split(cfg_test) == "test"
+    val = runtime.load_examples(cfg_val, runtime.eval_split(cfg_val))
     assert len(val) == 2 and all(e.id.startswith("arith-d1-val-") for e in val)
     out = ev.run(cfg_val, Run(tmp_path, cfg_val), engine=tiny_engine)
     assert [r["id"] for r in out["greedy"]] == [e.id for e in val]
@@ -253,9 +253,9 @@ def test_bad_split_config_is_one_line(tmp_path):
             load_split("strategyqa", "train", tmp_path, carve=bad)
     cfg = compose_cfg(["task=strategyqa", f"task.data_root={tmp_path}", "task.eval_split=train"])
     with pytest.raises(ConfigError, match="must name three different splits"):
-        common.load_examples(cfg, "train")
+        runtime.load_examples(cfg, "train")
     with pytest.raises(ConfigError, match="task.carve must be null for task=arith"):
-        common.load_examples(compose_cfg(["task=arith", "+task.carve.train={val: 0.5}"]), "val")
+        runtime.load_examples(compose_cfg(["task=arith", "+task.carve.train={val: 0.5}"]), "val")
 
 
 # ---------------------------------------------------------------- arith

@@ -259,12 +259,12 @@ def run(cfg, run):
 APP = """
 import sys
 import hydra
-from esm_steer import cli
+from esm_steer import cli, pipelines
 
 @hydra.main(version_base="1.3", config_path={conf!r}, config_name="eval")
 def main(cfg):
     sys.path.insert(0, {stub_dir!r})  # in the worker process too
-    cli.STAGES["eval"] = {{"eval": "stub_stage:run"}}
+    pipelines.STAGE_FUNCTIONS["eval"] = "stub_stage:run"
     cli.run_stage("eval", cfg)
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def test_eos_biased_model_finishes_every_prefix(tmp_path, tokenizer, hf_engine, 
 
 def test_empty_generation_is_wrong_not_an_error():
     from esm_steer.data.grading import compute_score_dapo
-    from esm_steer.token2048.common import grade
+    from esm_steer.runtime import grade
 
     assert compute_score_dapo("", "12") == {"score": -1.0, "acc": False, "pred": "[INVALID]"}
     assert grade("", "12", "math_dapo") == (False, "[INVALID]", None)
@@ -438,7 +438,7 @@ def test_stage_all_shards_share_stage1(tmp_path, tokenizer):
 
 
 def _verl_row(i: int, problem: str, gold) -> dict:
-    from esm_steer.data.tasks import DAPO_PREFIX, DAPO_SUFFIX
+    from esm_steer.data.rows import DAPO_PREFIX, DAPO_SUFFIX
 
     return {
         "data_source": "math_dapo",

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from esm_steer import runtime
 from esm_steer.config import ControlPointsConfig, ModelConfig, OnlineConfig
 from esm_steer.engine.base import SamplingSpec
-from esm_steer.esm import common
 from esm_steer.esm.library import Library, Tool
 from esm_steer.esm.memory import Memory, l2_normalise
 from esm_steer.esm.online import OnlinePolicy
@@ -41,8 +41,8 @@ def setup():
     v = load_engine(
         ModelConfig(gguf_file="embedded", dtype="float32", backend="vllm", enforce_eager=True, max_model_len=1024)
     )
-    examples = common.load_examples(cfg, common.eval_split(cfg), N_QUESTIONS)
-    prompts = common.prompt_ids(hf, cfg, examples)
+    examples = runtime.load_examples(cfg, runtime.eval_split(cfg), N_QUESTIONS)
+    prompts = runtime.prompt_ids(hf, cfg, examples)
     greedy = [s[0].token_ids for s in hf.generate(prompts, SamplingSpec(max_new_tokens=T_MAX))]
     yield hf, v, prompts, _artifacts(hf, prompts), greedy
     v.close()

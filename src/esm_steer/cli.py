@@ -1,5 +1,5 @@
 """Thin Hydra mains, one per stage: compose the config, check it, open the run dir, call
-the stage function. Each stage module exposes ``run(cfg, run) -> None``.
+the stage function (:mod:`esm_steer.pipelines`: every stage is ``run(cfg, run, engine=None)``).
 
 A bad config value or a missing artifact ends the job with one line (exit code 2). In a
 multirun a failing job writes ``error.txt`` into its dir and the sweep goes on, so that the
@@ -8,64 +8,29 @@ suite callback can list it; the multirun then exits 1 after writing the suite ta
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 import sys
 import traceback
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from esm_steer.config import ConfigError, register_configs, validate
+from esm_steer.config import ConfigError, ESMConfig, register_configs, validate
+from esm_steer.data.tasks import DataError
 from esm_steer.launch import prepare_job  # registers esm_n_jobs; claims a GPU per worker
+from esm_steer.pipelines import stage_function
 from esm_steer.runs import LATEST, RunError, current_output_dir, read_latest, start_run  # registers resolvers
 
 log = logging.getLogger("esm_steer")
 
 register_configs()
 
-# entrypoint -> (stage names it accepts, "module:function" per stage)
-STAGES: dict[str, dict[str, str]] = {
-    "mine": {"mine": "esm_steer.esm.mine:run"},
-    "select": {"select": "esm_steer.esm.select:run"},
-    "memory": {"memory": "esm_steer.esm.memory:run"},
-    "eval": {"eval": "esm_steer.evaluate.eval:run"},
-    "case": {"case": "esm_steer.evaluate.case:run"},
-    "token2048": {s: "esm_steer.token2048.pipeline:run" for s in ("sample", "prepare", "continue", "select", "all")},
-}
-
-
-class NotImplementedYet(RuntimeError):
-    pass
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = [ConfigError, RunError, NotImplementedYet, FileNotFoundError]
-    try:
-        from esm_steer.data.tasks import DataError
-
-        errs.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errs)
-
-
-def _stage_function(entry: str, stage: str):
-    table = STAGES[entry]
-    if stage not in table:
-        raise ConfigError(f"stage={stage!r} is not a stage of esm-{entry}: one of {', '.join(table)}")
-    module, func = table[stage].split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(module.rsplit(".", 1)[0]):
-            raise NotImplementedYet(f"stage '{stage}' is not implemented yet") from None
-        raise
-    fn = getattr(mod, func, None)
-    if fn is None:
-        raise NotImplementedYet(f"stage '{stage}' is not implemented yet")
-    return fn
+# what a user can get wrong (one line, exit 2); anything else is a bug and keeps its traceback
+EXPECTED_ERRORS = (ConfigError, RunError, DataError, FileNotFoundError)
 
 
 def _check_latest_dir() -> None:
@@ -80,19 +45,16 @@ def _check_latest_dir() -> None:
 
 
 def run_stage(entry: str, cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         prepare_job(cfg)  # multirun: this worker's GPU (or one CPU thread), before any torch/CUDA
         _check_latest_dir()
         validate(cfg)
-        fn = _stage_function(entry, cfg.stage.name)
+        fn = stage_function(entry, cfg.stage.name)
         run = start_run(cfg, stage=f"{entry}" if entry != "token2048" else f"token2048_{cfg.stage.name}")
         fn(cfg, run)
     except Exception as e:  # noqa: BLE001 - one line for the user, the rest in the log
-        expected = isinstance(e, _expected_errors())
+        expected = isinstance(e, EXPECTED_ERRORS)
         msg = f"esm-{entry}: {e}" if expected else f"esm-{entry}: {type(e).__name__}: {e}"
         if multirun:
             out = current_output_dir()
@@ -113,10 +75,6 @@ _GROUPS = {"model", "task", "prompt", "online", "stage", "experiment"}
 def precheck_overrides(args: list[str]) -> str | None:
     """One-line message for the first command-line override that the schema rejects
     (unknown key, wrong type), or None. Hydra's own message for these spans several lines."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from esm_steer.config import ESMConfig
-
     plain = [a for a in args if "=" in a and not a.startswith("-")]
     try:
         overrides = OverridesParser.create().parse_overrides(plain)

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import esm_steer.cli  # noqa: F401 - registers the schema and the resolvers
+from esm_steer import runtime
 from esm_steer.config import ESMConfig
-from esm_steer.esm import common
 from esm_steer.esm.mine import mine
 from esm_steer.evaluate import eval as ev
 from esm_steer.runs import Run
@@ -80,8 +80,8 @@ def tiny_engine(batch_size: int = 4):
 
 def run_mine(run_dir: Path, engine) -> dict:
     cfg = esm_cfg("mine")
-    examples = common.load_examples(cfg, cfg.task.train_split)
-    return mine(cfg, run_dir, engine, examples, common.prompt_ids(engine, cfg, examples))
+    examples = runtime.load_examples(cfg, cfg.task.train_split)
+    return mine(cfg, run_dir, engine, examples, runtime.prompt_ids(engine, cfg, examples))
 
 
 def run_eval_greedy(run_dir: Path, engine) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fault_lib import esm_cfg
 
-from esm_steer.esm import common
+from esm_steer import runtime
 from esm_steer.esm import memory as memory_stage
 from esm_steer.esm import select as select_stage
 from esm_steer.esm.mine import mine
@@ -33,10 +33,10 @@ REAL = (
 def test_truncated_faiss_index_after_a_real_pipeline_is_one_line(tmp_path):
     run_dir = tmp_path / "outputs" / "debug" / "run1"
     cfg = esm_cfg("mine", REAL)
-    engine = common.build_engine(cfg)
+    engine = runtime.build_engine(cfg)
     try:
-        examples = common.load_examples(cfg, cfg.task.train_split)
-        mine(cfg, run_dir, engine, examples, common.prompt_ids(engine, cfg, examples))
+        examples = runtime.load_examples(cfg, cfg.task.train_split)
+        mine(cfg, run_dir, engine, examples, runtime.prompt_ids(engine, cfg, examples))
     finally:
         engine.close()
     for entry, stage in (("select", select_stage), ("memory", memory_stage)):

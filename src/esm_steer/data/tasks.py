@@ -30,11 +30,10 @@ from esm_steer.data.rows import (
     DAPO_SUFFIX,  # noqa: F401
     ROW_PARSERS,
     RowParser,
-    SkipRow,
     dapo_row,  # noqa: F401
     parse_rows,
 )
-from esm_steer.data.sources import read_hub, read_local, read_rows
+from esm_steer.data.sources import read_hub, read_local
 from esm_steer.splits import carve_assign, carve_source, check_carve, question_hash
 
 log = logging.getLogger(__name__)
@@ -235,8 +234,3 @@ def read_examples(spec: TaskSpec, split: str, data_root: str | Path | None) -> t
         source = f"hub:{spec.hub_id}"
     examples, skipped = parse_rows(rows, spec.row_to_example, f"{spec.name}-{split}", dedupe=spec.dedupe)
     return examples, skipped, source
-
-
-# Old names, kept until token2048/sample.py and tests/test_token2048.py import the public ones
-# (esm_steer.data.rows: SkipRow, dapo_row, DAPO_*; esm_steer.data.sources.read_rows; subsample above).
-_read_file, _Skip, _subsample = read_rows, SkipRow, subsample

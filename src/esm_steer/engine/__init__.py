@@ -21,6 +21,7 @@ from esm_steer.engine.base import (
 )
 from esm_steer.engine.base import VLLM_MISSING as VLLM_MISSING
 from esm_steer.engine.hf import HFEngine
+from esm_steer.engine.vllm_backend import VLLMEngine  # imports vllm only when it builds an engine
 
 
 def load_engine(model_cfg, seed: int = 0) -> Engine:
@@ -32,8 +33,6 @@ def load_engine(model_cfg, seed: int = 0) -> Engine:
         # find_spec, not import: vLLM reads its environment at import (set by from_config)
         if importlib.util.find_spec("vllm") is None:
             raise ImportError(VLLM_MISSING)
-        from esm_steer.engine.vllm_backend import VLLMEngine
-
         return VLLMEngine.from_config(model_cfg, seed=seed)
     raise ValueError(f"model.backend={backend} must be hf or vllm")
 

@@ -77,6 +77,22 @@ def chat_prompt_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
+    """Tokens that close the assistant turn: the tokenizer's EOS, the chat turn markers it
+    knows, and every EOS of the model's generation config (where generation stops)."""
+    ids: set[int] = set()
+    for tok in (getattr(tokenizer, "eos_token", None), "<|im_end|>", "<|eot_id|>", "<|end_of_turn|>"):
+        if tok:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None):
+                ids.add(i)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids.update([extra] if isinstance(extra, int) else [int(t) for t in extra or ()])
+    return ids
+
+
 class ChatEncoding:
     """``encode_messages`` / ``encode_chat`` for an engine with a ``tokenizer``."""
 

@@ -46,6 +46,7 @@ from esm_steer.engine.base import (
     EngineInfo,
     Sample,
     SamplingSpec,
+    end_of_turn_ids,
 )
 from esm_steer.engine.hf import HFEngine
 from esm_steer.engine.loading import default_cache_dir, load_tokenizer, model_path
@@ -257,14 +258,9 @@ class VLLMEngine(ChatEncoding):
 
 
 def _eos_ids(path: str, tokenizer) -> set[int]:
-    """EOS of the tokenizer plus the generation config's (what vLLM stops on)."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    """What vLLM stops on: :func:`~esm_steer.engine.base.end_of_turn_ids` with the model's generation config."""
     try:
-        extra = GenerationConfig.from_pretrained(path).eos_token_id
+        gen_cfg = GenerationConfig.from_pretrained(path)
     except OSError:
-        extra = None
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra:
-        ids.update(int(t) for t in extra)
-    return ids
+        gen_cfg = None
+    return end_of_turn_ids(tokenizer, gen_cfg)

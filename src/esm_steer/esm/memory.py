@@ -209,7 +209,8 @@ def build_memory(
     return Memory(keys, entries, meta, center=center)
 
 
-def run(cfg: DictConfig, run) -> None:
+def run(cfg: DictConfig, run, engine=None) -> None:
+    """esm-memory (no model: ``engine`` is accepted for the one stage signature and unused)."""
     library = Library.load(run.dir)
     if not len(library):
         path = run.path(artifacts.LIBRARY_DIR, artifacts.LIBRARY_JSONL)

@@ -21,10 +21,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from esm_steer import provenance
+from esm_steer import provenance, runtime
 from esm_steer.engine.base import FINISH_LENGTH, SamplingSpec
 from esm_steer.engine.segments import control_point_offsets, token_pieces
-from esm_steer.esm import artifacts, common
+from esm_steer.esm import artifacts
 from esm_steer.esm.candidates import (
     GOLD_SAMPLE_ID,
     Candidate,
@@ -37,6 +37,7 @@ from esm_steer.esm.candidates import (
 from esm_steer.evaluate.stats import TRUNCATION_WARN_RATE
 from esm_steer.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from esm_steer.runs import write_latest
+from esm_steer.seeds import derive_seed
 from esm_steer.splits import write_mined_questions
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,13 @@ def sample_rollouts(
         n=K,
         seed=int(cfg.seed),
     )
-    per_call = max(1, int(cfg.model.batch_size) // K)  # questions per generate call
+    per_call = runtime.group_size(cfg, K)  # questions per generate call
     t0, n_new = time.time(), 0
     bar = tqdm(total=len(todo) * K, desc="mine rollouts", unit="rollout", dynamic_ncols=True)
     try:
         for b in range(0, len(todo), per_call):
             idx = todo[b : b + per_call]
-            seeds = [common.question_seed(cfg.seed, str(examples[i].id)) for i in idx]
+            seeds = [derive_seed(cfg.seed, "mine", examples[i].id) for i in idx]
             outs = engine.generate([prompts[i] for i in idx], spec, prompt_seeds=seeds)
             for i, samples in zip(idx, outs):
                 ex = examples[i]
@@ -271,7 +272,7 @@ def mine(
     mine_dir = Path(run_dir) / artifacts.MINE_DIR
     mine_dir.mkdir(parents=True, exist_ok=True)
     if is_correct is None or pred is None:
-        g_correct, g_pred = common.grader(cfg.task.dataset)
+        g_correct, g_pred = runtime.grader(cfg.task.grader)
         is_correct, pred = is_correct or g_correct, pred or g_pred
     _check_resume(mine_dir, engine.info, cfg)
 
@@ -339,17 +340,18 @@ def mine(
     return summary
 
 
-def run(cfg: DictConfig, run) -> None:
+def run(cfg: DictConfig, run, engine=None) -> None:
+    """esm-mine. ``engine``: use it (and leave it open) instead of building one."""
     if cfg.model.get("num_threads"):
         torch.set_num_threads(int(cfg.model.num_threads))
     write_latest(run.dir)  # now, so that outputs.run_id=latest resumes a killed mine
-    engine = common.build_engine(cfg)
+    owned = engine is None
+    engine = runtime.build_engine(cfg) if owned else engine
     try:
-        examples, split_record = common.load_split(cfg, cfg.task.train_split)
-        prompts = common.prompt_ids(engine, cfg, examples)
+        examples, split_record = runtime.load_split(cfg, cfg.task.train_split)
+        prompts = runtime.prompt_ids(engine, cfg, examples)
         mine(cfg, run.dir, engine, examples, prompts, split_record=split_record)
     finally:
-        close = getattr(engine, "close", None)
-        if close:
-            close()
+        if owned and hasattr(engine, "close"):
+            engine.close()
     write_latest(run.dir)

@@ -167,7 +167,8 @@ def build_library(cands: Sequence[Candidate], chosen: Sequence[int], meta: dict)
     return Library(tools, meta)
 
 
-def run(cfg: DictConfig, run) -> None:
+def run(cfg: DictConfig, run, engine=None) -> None:
+    """esm-select (no model: ``engine`` is accepted for the one stage signature and unused)."""
     sc = cfg.offline_select
     cands, mine_summary = load_candidates(run.dir)
     if not cands:

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
+from esm_steer import runtime
 from esm_steer.engine import require_steering
 from esm_steer.evaluate import case_markdown as cases
 from esm_steer.evaluate import records as R
-from esm_steer.evaluate.eval import generate_records, make_generator, resolve_artifact_dir
+from esm_steer.evaluate.methods import generate_records, make_generator
+from esm_steer.evaluate.offline import resolve_artifact_dir
 from esm_steer.io import atomic_write_text
 from esm_steer.runs import Run, RunError
 from esm_steer.splits import check_no_overlap
@@ -75,8 +77,6 @@ def step_char_offsets(record: dict, tokenizer=None, delimiter: str = "\n\n") -> 
 
 def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     """esm-case. ``engine`` lets tests pass a tiny model. Returns {method: {id: record}}."""
-    from esm_steer.esm import common
-
     if not cfg.eval.example_ids:
         raise RunError(
             "esm-case needs eval.example_ids, e.g. eval.example_ids=[0,6] (ids or positions in the eval split)"
@@ -84,11 +84,11 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     t_max = int(cfg.decode.max_new_tokens)
     methods = list(cfg.eval.methods)
     require_steering(cfg.model if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
-    examples_all = common.load_examples(cfg, common.eval_split(cfg))
+    examples_all = runtime.load_examples(cfg, runtime.eval_split(cfg))
     wanted = [str(w) for w in cfg.eval.example_ids]
     full = None
     if any(w not in {str(e.id) for e in examples_all} and not w.isdigit() for w in wanted):
-        full = common.load_examples(cfg, common.eval_split(cfg), max_examples=None)
+        full = runtime.load_examples(cfg, runtime.eval_split(cfg), max_examples=None)
     examples = pick_examples(examples_all, wanted, full)
 
     artifact_dir = None
@@ -97,8 +97,8 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         log.info("offline artifacts (library/, memory/) read from %s", artifact_dir)
     check_no_overlap(artifact_dir, examples, "case")  # never score questions the artifacts were mined on
 
-    engine = engine if engine is not None else common.build_engine(cfg)
-    prompts = common.prompt_ids(engine, cfg, examples)
+    engine = engine if engine is not None else runtime.build_engine(cfg)
+    prompts = runtime.prompt_ids(engine, cfg, examples)
     name = case_name(cfg)
     appender = R.open_records(
         R.per_example_path(run.dir, name),
@@ -114,7 +114,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
             generate,
             to_record,
             appender,
-            cfg.task.dataset,
+            cfg.task.grader,
             int(cfg.model.batch_size),
             method=m,
             key=lambda ex, m=m: (m, str(ex.id)),

@@ -17,388 +17,35 @@ The offline artifacts (library/, memory/) are read in place from the run dir or 
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import fcntl
-import hashlib
 import json
 import logging
-import os
-import time
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from esm_steer import runtime
 from esm_steer.engine import require_steering
 from esm_steer.esm import artifacts
 from esm_steer.evaluate import records as R
 from esm_steer.evaluate import report
+from esm_steer.evaluate.best_of import apply_best_of
 from esm_steer.evaluate.case_markdown import write_cases
 from esm_steer.evaluate.diagnostics import write_diagnostics
 from esm_steer.evaluate.figures import accuracy_vs_budget, steering_diagnostics_figure, tokens_histogram
+from esm_steer.evaluate.methods import eval_methods, generate_records, make_generator, method_label, online_cfg_for
+from esm_steer.evaluate.offline import resolve_artifact_dir
+from esm_steer.evaluate.shared_greedy import shared_greedy_dir, sync_shared_greedy
 from esm_steer.evaluate.stats import TRUNCATION_WARN_RATE, summarize
-from esm_steer.io import JsonlAppender, atomic_write_json
-from esm_steer.runs import Run, RunError, resolve_run_path
+from esm_steer.io import atomic_write_json
+from esm_steer.runs import Run, RunError
 from esm_steer.splits import check_no_overlap
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_DIRS = (artifacts.LIBRARY_DIR, artifacts.MEMORY_DIR)
-OFFLINE_STAGES = ("mine", "select", "memory")
-
-
-# ---------------------------------------------------------------- artifacts
-
-
-def has_artifacts(run_dir: Path) -> bool:
-    return all((run_dir / d).is_dir() and any((run_dir / d).iterdir()) for d in ARTIFACT_DIRS)
-
-
-def _candidate_paths(path: str, root_dir: str) -> list[Path]:
-    """``outputs/<name>/latest`` as given (relative to the cwd), and under outputs.root_dir
-    when root_dir is elsewhere (its first component then stands for the root)."""
-    p = Path(path)
-    cands = [p]
-    if not p.is_absolute() and len(p.parts) > 1:
-        cands.append(Path(root_dir) / Path(*p.parts[1:]))
-    return cands
-
-
-def resolve_artifact_dir(cfg: DictConfig, run: Run, run_offline: Callable[[], None] | None = None) -> Path:
-    """The dir holding library/ and memory/: eval.artifact_run_dir, else this run dir; with
-    neither, run the offline stages here when eval.run_offline_if_missing, else RunError."""
-    given = cfg.eval.artifact_run_dir
-    if given:
-        err: Exception | None = None
-        for cand in _candidate_paths(str(given), str(cfg.outputs.root_dir)):
-            try:
-                d = resolve_run_path(cand)
-            except RunError as e:
-                err = err or e
-                continue
-            if has_artifacts(d):
-                return d
-            err = RunError(
-                f"eval.artifact_run_dir={given} ({d}) has no {' and '.join(ARTIFACT_DIRS)}/; "
-                f"make them with esm-mine, esm-select, esm-memory into that run"
-            )
-            break
-        raise RunError(str(err) if err else f"eval.artifact_run_dir={given} does not resolve")
-    if has_artifacts(run.dir):
-        return run.dir
-    if cfg.eval.run_offline_if_missing:
-        missing = [f"{d}/" for d in ARTIFACT_DIRS if not ((run.dir / d).is_dir() and any((run.dir / d).iterdir()))]
-        online = [m for m in eval_methods(cfg) if m in R.ONLINE_METHODS]
-        log.info(
-            "eval.run_offline_if_missing=true and %s lacks %s (needed by %s): running the offline stages %s "
-            "into this run dir first",
-            run.dir,
-            " and ".join(missing),
-            ", ".join(online),
-            " -> ".join(OFFLINE_STAGES),
-        )
-        (run_offline or (lambda: run_offline_stages(cfg, run)))()
-        if not has_artifacts(run.dir):
-            raise RunError(f"the offline stages ran but {run.dir} still lacks library/ or memory/")
-        return run.dir
-    raise RunError(
-        f"no library/ and memory/ in {run.dir}: run `esm-mine ... && esm-select ... outputs.run_id=latest && "
-        f"esm-memory ... outputs.run_id=latest` first, or set eval.artifact_run_dir=outputs/<run_name>/latest "
-        f"or eval.run_offline_if_missing=true (greedy alone needs none: 'eval.methods=[greedy]' 'eval.ablations=[]')"
-    )
-
-
-def run_offline_stages(cfg: DictConfig, run: Run) -> None:
-    import importlib
-
-    for stage in OFFLINE_STAGES:
-        t0 = time.perf_counter()
-        importlib.import_module(f"esm_steer.esm.{stage}").run(cfg, run)
-        log.info("offline stage %s done in %.1fs", stage, time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------- generation
-
-
-def method_label(cfg: DictConfig, method: str) -> str:
-    """The row a method runs as: ``esm`` runs (and is labelled) ``online.variant``; the others are themselves."""
-    return str(cfg.online.variant) if method == "esm" else method
-
-
-def online_cfg_for(cfg: DictConfig, variant: str) -> DictConfig:
-    """A copy of cfg.online with ``variant`` (a method label: esm, an ablation, static) set."""
-    oc = copy.deepcopy(cfg.online)
-    with open_dict(oc):
-        oc.variant = variant
-    return oc
-
-
-def make_policy(engine, artifact_dir: Path, cfg: DictConfig, variant: str, cache: dict):
-    """OnlinePolicy for one variant; library and memory are loaded once per run (``cache``)."""
-    from esm_steer.esm.library import Library
-    from esm_steer.esm.memory import Memory
-    from esm_steer.esm.online import OnlinePolicy
-
-    if "library" not in cache:
-        cache["library"] = Library.load(artifact_dir)
-        cache["memory"] = Memory.load(artifact_dir, engine.info.model_id, engine.info.steer_layer)
-    return OnlinePolicy(engine, cache["library"], cache["memory"], online_cfg_for(cfg, variant), cfg.control_points)
-
-
-def greedy_generate(engine, prompts: Sequence[list[int]], t_max: int):
-    from esm_steer.engine.base import SamplingSpec
-
-    return [s[0] for s in engine.generate(list(prompts), SamplingSpec(max_new_tokens=t_max, temperature=0.0))]
-
-
-def make_generator(method: str, engine, cfg: DictConfig, artifact_dir: Path | None, cache: dict):
-    """(prompts) -> list of results, and the result -> record converter, for one method."""
-    t_max = int(cfg.decode.max_new_tokens)
-    if method == "greedy":
-        return (lambda prompts: greedy_generate(engine, prompts, t_max)), R.record_from_sample
-    if method not in R.ONLINE_METHODS:
-        raise ValueError(f"unknown eval method {method!r}")
-    policy = make_policy(engine, artifact_dir, cfg, method, cache)
-    return (lambda prompts: policy.run(list(prompts), max_new_tokens=t_max)), R.record_from_online
-
-
-def _chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def generate_records(
-    examples: Sequence,
-    prompts: Sequence[list[int]],
-    generate: Callable[[list[list[int]]], list],
-    to_record: Callable,
-    appender: JsonlAppender,
-    task: str,
-    batch_size: int,
-    method: str | None = None,
-    key: Callable[[object], object] | None = None,
-    desc: str = "",
-) -> float:
-    """Generate the examples the appender lacks, a chunk at a time, appending after each chunk.
-
-    A chunk that raises is retried one example at a time; an example that still raises is
-    recorded as an error (wrong) and the run goes on. Returns the generation wall seconds.
-    """
-    from tqdm.auto import tqdm
-
-    key = key or (lambda ex: str(ex.id))
-    todo = [(ex, p) for ex, p in zip(examples, prompts) if key(ex) not in appender.done_keys]
-    if len(todo) < len(examples):
-        log.info(
-            "%s: %d of %d examples already in %s; resuming",
-            desc,
-            len(examples) - len(todo),
-            len(examples),
-            appender.path,
-        )
-    extra = {"method": method} if method else {}
-    total = 0.0
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc, leave=False)
-    for chunk in _chunks(todo, max(1, batch_size)):
-        t0 = time.perf_counter()
-        try:
-            results = generate([p for _, p in chunk])
-            if len(results) != len(chunk):
-                raise RuntimeError(f"generator returned {len(results)} results for {len(chunk)} prompts")
-            dt = time.perf_counter() - t0
-            recs = [to_record(ex, res, task, wall_s=dt / len(chunk), **extra) for (ex, _), res in zip(chunk, results)]
-        except Exception as e:  # noqa: BLE001 - isolate the failing example, keep going
-            log.warning(
-                "%s: a chunk of %d failed (%s: %s); retrying one at a time", desc, len(chunk), type(e).__name__, e
-            )
-            log.debug("%s", traceback.format_exc())
-            recs = [_one(ex, p, generate, to_record, task, extra, desc) for ex, p in chunk]
-            dt = time.perf_counter() - t0
-        total += dt
-        appender.extend(recs)
-        bar.update(len(chunk))
-    bar.close()
-    return total
-
-
-def _one(ex, prompt, generate, to_record, task, extra, desc) -> dict:
-    t0 = time.perf_counter()
-    try:
-        res = generate([prompt])[0]
-        return to_record(ex, res, task, wall_s=time.perf_counter() - t0, **extra)
-    except Exception as e:  # noqa: BLE001
-        log.warning("%s: example %s failed: %s: %s (recorded as wrong)", desc, ex.id, type(e).__name__, e)
-        return R.error_record(ex, task, f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0, **extra)
-
-
-# ---------------------------------------------------------------- best of a tuning suite
-
-# overrides of a suite job that are sweep plumbing or the split, never carried to the test run
-_BEST_OF_DROP = ("hydra", "outputs.suite_id", "outputs.run_id", "launch", "eval.split", "eval.best_of")
-
-
-def _override_key(item: str) -> str:
-    return str(item).partition("=")[0].lstrip("+~")
-
-
-def best_of_overrides(job_overrides: Sequence[str], current: Sequence[str]) -> list[str]:
-    """The winning job's overrides, then this command's (a key given here replaces the job's),
-    then ``eval.split=test``; sweep plumbing (hydra.*, launch.*, outputs ids) and the split dropped."""
-
-    def keep(o: str) -> bool:
-        k = _override_key(o)
-        return "=" in str(o) and not any(k == d or k.startswith((d + ".", d + "/")) for d in _BEST_OF_DROP)
-
-    merged: dict[str, str] = {}
-    for o in [*job_overrides, *current]:
-        if keep(o):
-            merged.pop(_override_key(o), None)  # a later value replaces, in its own place
-            merged[_override_key(o)] = str(o)
-    return [*merged.values(), "eval.split=test"]
-
-
-def _command_overrides() -> list[str]:
-    """This command's overrides (Hydra's task overrides); [] outside a Hydra app."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def apply_best_of(cfg: DictConfig, run: Run) -> DictConfig:
-    """eval.best_of=<suite dir>: the config of the suite's rank-1 job (tables/suite_ranking.csv,
-    made from the job dirs when absent), with this command's overrides, on eval.split=test.
-    Logs and writes ``best_of.json`` (which job, its validation numbers, the overrides)."""
-    import pandas as pd
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from esm_steer.config import validate
-    from esm_steer.evaluate.jobs import read_job
-    from esm_steer.evaluate.ranking import SUITE_RANKING, rank_configurations
-
-    given = str(cfg.eval.best_of)
-    sweep = next((p for p in _candidate_paths(given, str(cfg.outputs.root_dir)) if p.is_dir()), None)
-    if sweep is None:
-        raise RunError(f"eval.best_of={given}: no such suite dir (give outputs/_suite/<suite_id>)")
-    path = sweep / artifacts.TABLES_DIR / SUITE_RANKING
-    ranking = pd.read_csv(path) if path.exists() else rank_configurations(sweep)
-    if ranking is None or len(ranking) == 0:
-        raise RunError(f"eval.best_of={given}: no finished job with an esm row in {sweep} (tables/{SUITE_RANKING})")
-    best = ranking.iloc[0]
-    if str(best["split"]) == "test":
-        raise RunError(f"eval.best_of={given}: the suite was ranked on the test split; tune with eval.split=val")
-    job = read_job(int(best["job_num"]), sweep / str(int(best["job_num"])))
-    extra = []
-    if "eval.artifact_run_dir" not in {_override_key(o) for o in job.override_list} and has_artifacts(job.dir):
-        extra = [f"eval.artifact_run_dir={job.dir.resolve()}"]  # the job mined its own artifacts
-    overrides = best_of_overrides([*job.override_list, *extra], _command_overrides())
-    if GlobalHydra.instance().is_initialized():
-        new = compose(config_name="eval", overrides=overrides)
-    else:
-        with initialize_config_module(config_module="esm_steer.conf", version_base="1.3"):
-            new = compose(config_name="eval", overrides=overrides)
-    with open_dict(new):
-        new.outputs = copy.deepcopy(cfg.outputs)  # this run's dir and ids
-        new.eval.best_of = None
-    validate(new)
-    num = lambda k: None if pd.isna(best.get(k)) else float(best[k])  # noqa: E731
-    info = {
-        "suite_dir": str(sweep.resolve()),
-        "ranking": str(path),
-        "job_num": int(best["job_num"]),
-        "job_dir": str(job.dir),
-        "ranked_on_split": str(best["split"]),
-        "ranked_jobs": int(len(ranking)),
-        "method": str(best["method"]),
-        **{k: num(k) for k in ("accuracy", "delta_vs_greedy", "delta_ci_low", "delta_ci_high")},
-        "overrides": overrides,
-    }
-    atomic_write_json(run.path("best_of.json"), info)
-    atomic_write_json(run.path("config_resolved.json"), OmegaConf.to_container(new, resolve=True))
-    log.info(
-        "eval.best_of: running job %d of %s (rank 1 of %d by %s accuracy on %s: %.3f, Δ vs greedy %s) on the "
-        "test split with: %s",
-        info["job_num"],
-        sweep,
-        len(ranking),
-        info["method"],
-        info["ranked_on_split"],
-        info["accuracy"],
-        "-" if info["delta_vs_greedy"] is None else f"{info['delta_vs_greedy']:+.3f}",
-        " ".join(overrides),
-    )
-    return new
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def eval_methods(cfg: DictConfig) -> list[str]:
-    """The methods to run, as row labels (method esm -> online.variant), without repeats."""
-    out: list[str] = []
-    for m in list(cfg.eval.methods) + list(cfg.eval.ablations):
-        m = method_label(cfg, m)
-        if m not in out:
-            out.append(m)
-    return out
-
-
-# ---------------------------------------------------------------- greedy shared by a sweep
-
-
-@contextlib.contextmanager
-def locked(directory: Path):
-    """An exclusive (blocking) flock on ``<directory>/.lock``: one writer at a time across jobs."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def shared_greedy_dir(cfg: DictConfig, run: Run, artifact_dir: Path | None) -> Path | None:
-    """``<artifact dir>/eval/greedy_<split>_T<T>_<fingerprint hash>/`` when eval.artifact_run_dir
-    points at another run: greedy does not depend on online.*, so the jobs of a sweep over one
-    set of artifacts generate it once and share it. None: this run's own records only."""
-    if not cfg.eval.artifact_run_dir or artifact_dir is None or Path(artifact_dir).resolve() == run.dir.resolve():
-        return None
-    fp = R.fingerprint(cfg, ["greedy"], None)
-    digest = hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:8]
-    from esm_steer.esm import common
-
-    name = f"greedy_{common.eval_split(cfg)}_T{int(cfg.decode.max_new_tokens)}_{digest}"
-    return Path(artifact_dir) / artifacts.EVAL_DIR / name
-
-
-def sync_shared_greedy(
-    shared: Path,
-    fp: dict,
-    appender: JsonlAppender,
-    ids: Sequence[str],
-    generate_missing: Callable[[JsonlAppender], float] | None = None,
-) -> float:
-    """Under the shared dir's lock: generate what the shared store lacks (when asked), then copy
-    this run's examples from it into the run's own records. Returns the generation seconds."""
-    with locked(shared):
-        store = R.open_records(shared / artifacts.PER_EXAMPLE, fp)
-        wall = generate_missing(store) if generate_missing is not None else 0.0
-        have = {r["id"]: r for r in store.records}
-        new = [have[i] for i in ids if i in have and i not in appender.done_keys]
-        if new:
-            appender.extend(new)
-            log.info("eval greedy: %d records taken from the shared %s", len(new), shared)
-    return wall
-
 
 def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     """esm-eval. ``engine`` lets tests pass a tiny model. Returns {method: records}."""
-    from esm_steer.esm import common
-
     if OmegaConf.select(cfg, "eval.best_of", default=None):
         cfg = run.cfg = apply_best_of(cfg, run)
     t_max = int(cfg.decode.max_new_tokens)
@@ -416,14 +63,14 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         artifact_dir = resolve_artifact_dir(cfg, run)
         log.info("offline artifacts (library/, memory/) read from %s", artifact_dir)
 
-    examples = common.load_examples(cfg, common.eval_split(cfg))
+    examples = runtime.load_examples(cfg, runtime.eval_split(cfg))
     check_no_overlap(artifact_dir, examples)  # never score questions the artifacts were mined on
     ids = [str(ex.id) for ex in examples]
     log.info(
         "eval: %d examples of %s/%s, T_max=%d, methods %s",
         len(examples),
         cfg.task.dataset,
-        common.eval_split(cfg),
+        runtime.eval_split(cfg),
         t_max,
         methods,
     )
@@ -436,10 +83,10 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         sync_shared_greedy(shared, R.fingerprint(cfg, ["greedy"], None), appenders["greedy"], ids)
     todo = any(i not in a.done_keys for a in appenders.values() for i in ids)
     if todo and engine is None:
-        engine = common.build_engine(cfg)
+        engine = runtime.build_engine(cfg)
     elif not todo:
         log.info("every record is already on disk: only the reports are rewritten")
-    prompts = common.prompt_ids(engine, cfg, examples) if todo else []
+    prompts = runtime.prompt_ids(engine, cfg, examples) if todo else []
 
     by_method: dict[str, list[dict]] = {}
     cache: dict = {}
@@ -455,7 +102,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
                 generate,
                 to_record,
                 app,
-                cfg.task.dataset,
+                cfg.task.grader,
                 int(cfg.model.batch_size),
                 desc=f"eval {method}",
             )
@@ -527,8 +174,6 @@ def model_id_of(engine, run: Run, tags) -> str | None:
     mid = getattr(getattr(engine, "info", None), "model_id", None)
     if mid:
         return mid
-    import json
-
     for tag in tags:
         meta = run.path(artifacts.EVAL_DIR, tag, artifacts.EVAL_META)
         if meta.exists():

@@ -22,10 +22,9 @@ from omegaconf import OmegaConf
 
 from esm_steer import provenance
 from esm_steer.config import ONLINE_METHODS
-from esm_steer.data.grading import extract_answer
-from esm_steer.data.tasks import grade, kind_for_task
 from esm_steer.esm import artifacts
 from esm_steer.io import JsonlAppender
+from esm_steer.runtime import grade
 
 FINISH_ERROR = "error"  # generation raised; the record keeps the message in "error"
 RECORD_FIELDS = (
@@ -73,7 +72,7 @@ def build_record(
     response: str,
     finish_reason: str,
     tokens_used: int,
-    task: str,
+    grader: str,
     probe_tokens_used: int = 0,
     budget_used: int | None = None,
     steps: Iterable[dict] | None = None,
@@ -82,14 +81,11 @@ def build_record(
     error: str | None = None,
     method: str | None = None,
 ) -> dict:
-    """One per-example record; grading never raises (a broken response is simply wrong)."""
+    """One per-example record, graded by ``grader`` (task.grader, or a task name); grading
+    never raises (a broken response is simply wrong, with the grader's error recorded)."""
     response = response or ""
-    try:
-        pred = extract_answer(response, kind_for_task(task)) if response.strip() else None
-        correct = bool(grade(response, example.gold, task))
-    except Exception as e:  # noqa: BLE001 - a grader bug must not end the run
-        pred, correct = None, False
-        error = error or f"grading failed: {type(e).__name__}: {e}"
+    correct, pred, grading_error = grade(response, example.gold, grader)
+    error = error or grading_error
     rec = {
         "id": str(example.id),
         "question": example.question,
@@ -113,21 +109,21 @@ def build_record(
     return rec
 
 
-def record_from_sample(example, sample, task: str, **kw) -> dict:
+def record_from_sample(example, sample, grader: str, **kw) -> dict:
     """A greedy :class:`~esm_steer.engine.base.Sample` -> record (no probes, no steps)."""
     return build_record(
-        example, sample.text, sample.finish_reason, len(sample.token_ids), task, token_ids=sample.token_ids, **kw
+        example, sample.text, sample.finish_reason, len(sample.token_ids), grader, token_ids=sample.token_ids, **kw
     )
 
 
-def record_from_online(example, result, task: str, **kw) -> dict:
+def record_from_online(example, result, grader: str, **kw) -> dict:
     """An online policy ``OnlineResult`` -> record."""
     return build_record(
         example,
         result.text,
         result.finish_reason,
         result.tokens_used,
-        task,
+        grader,
         probe_tokens_used=result.probe_tokens_used,
         budget_used=result.budget_used,
         steps=result.steps,
@@ -136,9 +132,9 @@ def record_from_online(example, result, task: str, **kw) -> dict:
     )
 
 
-def error_record(example, task: str, message: str, **kw) -> dict:
+def error_record(example, grader: str, message: str, **kw) -> dict:
     """A generation that raised: recorded as wrong so that the run goes on."""
-    return build_record(example, "", FINISH_ERROR, 0, task, error=message, **kw)
+    return build_record(example, "", FINISH_ERROR, 0, grader, error=message, **kw)
 
 
 # ---------------------------------------------------------------- resuming safely
@@ -146,18 +142,22 @@ def error_record(example, task: str, message: str, **kw) -> dict:
 
 def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) -> dict:
     """What a record depends on: a resumed run must not mix records made under other settings
-    (the tag names only method and T_max; online.* knobs, model, prompt live here)."""
+    (the tag names only method and T_max; online.* knobs, model, prompt live here). The steered
+    layer matters to the online methods only: greedy records are shared across layers."""
     plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    online = any(m in ONLINE_METHODS for m in methods)
     fp = {
         "methods": list(methods),
         "T_max": int(cfg.decode.max_new_tokens),
-        "model": {k: cfg.model[k] for k in ("name_or_path", "gguf_file", "dtype", "steer_layer")},
-        "task": {k: cfg.task[k] for k in ("dataset", "eval_split", "difficulty", "num_synthetic")},
+        "model": {
+            k: cfg.model[k] for k in ("name_or_path", "gguf_file", "dtype", *(("steer_layer",) if online else ()))
+        },
+        "task": {k: cfg.task[k] for k in ("dataset", "eval_split", "difficulty", "num_synthetic", "grader", "prompt")},
         **({"split": "val", "val_split": cfg.task.val_split} if cfg.eval.get("split") == "val" else {}),  # != test
         "prompt": plain(cfg.prompt),
         "seed": int(cfg.seed),
     }
-    if any(m in ONLINE_METHODS for m in methods):
+    if online:
         # variant: the method names it; static_vector matters to static only
         fp["online"] = {
             k: v

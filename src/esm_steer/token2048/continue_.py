@@ -29,17 +29,10 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from esm_steer.engine.base import SamplingSpec
+from esm_steer.runtime import generate_samples, grade, group_size
+from esm_steer.seeds import derive_seed
 from esm_steer.token2048 import schema, shards
-from esm_steer.token2048.common import (
-    derive_seed,
-    generate_safe,
-    grade,
-    grader_kind,
-    group_size,
-    parts_meta,
-    stage1_meta,
-    stage3_meta,
-)
+from esm_steer.token2048.meta import grader_kind, parts_meta, stage1_meta, stage3_meta
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +69,7 @@ def continue_chunk(cfg, engine, rows: list[dict], desc: str) -> tuple[list[dict]
     )
     seeds = [derive_seed(cfg.seed, "continue", r["example_id"], r["sample_id"]) for r in todo]
     prompts = [r["continuation_prompt_ids"] for r in todo]
-    results = generate_safe(engine, prompts, spec, seeds, group_size(cfg, t.n_cont), desc)
+    results = generate_samples(engine, prompts, spec, seeds, group_size(cfg, t.n_cont), desc)
     by_prefix = {(r["question_id"], r["sample_id"]): res for r, res in zip(todo, results)}
 
     out, ntok = [], 0

@@ -17,6 +17,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from esm_steer import runtime
+from esm_steer.engine.loading import load_tokenizer, model_path
+from esm_steer.pipelines import TOKEN2048 as STAGES
 from esm_steer.runs import RunError, resolve_run_path
 from esm_steer.token2048.continue_ import run_continue
 from esm_steer.token2048.prepare import run_prepare
@@ -24,8 +27,6 @@ from esm_steer.token2048.sample import run_sample
 from esm_steer.token2048.select import run_select
 
 log = logging.getLogger(__name__)
-
-STAGES = ("sample", "prepare", "continue", "select")
 
 
 class _Lazy:
@@ -36,17 +37,13 @@ class _Lazy:
 
     def engine(self):
         if self._engine is None:
-            from esm_steer.engine import load_engine
-
-            self._engine = load_engine(self.cfg.model, self.cfg.seed)
+            self._engine = runtime.build_engine(self.cfg)
             self.owned = True
         return self._engine
 
     def tokenizer(self):
         if self._engine is not None:
             return self._engine.tokenizer
-        from esm_steer.engine.loading import load_tokenizer, model_path
-
         return load_tokenizer(model_path(self.cfg.model)[0])
 
     def close(self) -> None:

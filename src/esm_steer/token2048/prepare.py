@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from esm_steer.engine.base import end_of_turn_ids
 from esm_steer.token2048 import schema, shards
-from esm_steer.token2048.common import end_of_turn_ids, parts_meta, stage1_meta
+from esm_steer.token2048.meta import parts_meta, stage1_meta
 from esm_steer.token2048.sample import merge_stage1
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from esm_steer import runtime
 from esm_steer.config import ConfigError
-from esm_steer.data.tasks import Example, _read_file, _Skip, _subsample, dapo_row, load_task
-from esm_steer.engine.base import FINISH_STOP, SamplingSpec, chat_prompt_ids
+from esm_steer.data.rows import dapo_row, parse_rows
+from esm_steer.data.sources import read_rows
+from esm_steer.data.tasks import Example, subsample
+from esm_steer.engine.base import FINISH_STOP, SamplingSpec
+from esm_steer.seeds import derive_seed
 from esm_steer.token2048 import schema, shards
-from esm_steer.token2048.common import derive_seed, generate_safe, group_size, parts_meta, stage1_meta
+from esm_steer.token2048.meta import parts_meta, stage1_meta
 
 log = logging.getLogger(__name__)
 
@@ -60,28 +64,14 @@ def read_data_path(path_str: str) -> list[Example]:
             cols = [c for c in pq.read_schema(path).names if c in _VERL_COLUMNS]
             rows = pq.read_table(path, columns=cols).to_pylist()
         else:
-            rows = _read_file(path)
+            rows = read_rows(path)
     except Exception as e:  # noqa: BLE001 - a corrupt / foreign file: one line
         msg = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(f"{key}: cannot read it ({type(e).__name__}: {msg})") from None
 
-    examples, skipped, seen, sources = [], Counter(), set(), Counter()
-    for i, row in enumerate(rows):
-        try:
-            if not isinstance(row, dict):
-                raise _Skip("not an object")
-            ex = dapo_row(row, f"{path.stem}-{i}")
-            if not ex.question or not ex.gold:
-                raise _Skip("empty question or gold")
-        except _Skip as why:
-            skipped[str(why)] += 1
-            continue
-        if ex.question in seen:  # verl's DAPO-Math-17k parquet repeats every problem
-            skipped["duplicate question"] += 1
-            continue
-        seen.add(ex.question)
-        sources[str(ex.meta.get("data_source", "none"))] += 1
-        examples.append(ex)
+    # verl's DAPO-Math-17k parquet repeats every problem: dedupe
+    examples, skipped = parse_rows(rows, dapo_row, path.stem, dedupe=True)
+    sources = Counter(str(ex.meta.get("data_source", "none")) for ex in examples)
     reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common()) or "none"
     log.info(
         "token2048.data_path=%s: loaded %d, skipped %d (%s); data_source: %s",
@@ -98,25 +88,17 @@ def read_data_path(path_str: str) -> list[Example]:
 
 def load_questions(cfg) -> list[Example]:
     """The seeded subsample of n_questions (file order kept) from token2048.data_path, or else
-    from the task's train split."""
-    t, n = cfg.task, cfg.token2048.n_questions
+    from the task's train split (as esm-mine reads it: disjoint from val and test)."""
+    n = cfg.token2048.n_questions
     if cfg.token2048.data_path:
         source = f"token2048.data_path={cfg.token2048.data_path}"
-        examples = _subsample(read_data_path(cfg.token2048.data_path), n, cfg.seed)
+        examples = subsample(read_data_path(cfg.token2048.data_path), n, cfg.seed)
     else:
-        kwargs = {k: t[k] for k in ("difficulty", "num_synthetic", "hub_id", "hub_config")}
-        examples = load_task(t.dataset, t.train_split, data_root=t.data_root, max_examples=n, seed=cfg.seed, **kwargs)
-        source = f"task {t.dataset}"
+        source = f"task {cfg.task.dataset}"
+        examples = runtime.load_examples(cfg, cfg.task.train_split, n)
     if len(examples) < n:
         log.warning("%s has %d questions < token2048.n_questions=%d: using all", source, len(examples), n)
     return examples
-
-
-def prompt_ids(tokenizer, cfg, example) -> list[int]:
-    from esm_steer.data.prompts import build_messages, resolve_template
-
-    template = resolve_template(cfg.prompt.template, cfg.task.dataset)
-    return chat_prompt_ids(tokenizer, build_messages(template, example, system=cfg.prompt.system))
 
 
 def run_sample(cfg, out: Path, engine, examples: list | None = None) -> bool:
@@ -166,10 +148,12 @@ def run_sample(cfg, out: Path, engine, examples: list | None = None) -> bool:
     for c in tqdm(todo, desc="sample chunks", unit="chunk", disable=None):
         qids = list(range(c * t.questions_per_shard, min((c + 1) * t.questions_per_shard, len(examples))))
         exs = [examples[q] for q in qids]
-        prompts = [prompt_ids(engine.tokenizer, cfg, ex) for ex in exs]
+        prompts = runtime.prompt_ids(engine, cfg, exs)
         seeds = [derive_seed(cfg.seed, "sample", ex.id) for ex in exs]
         t0 = time.perf_counter()
-        results = generate_safe(engine, prompts, spec, seeds, group_size(cfg, t.n_prefix), f"sample chunk {c}")
+        results = runtime.generate_samples(
+            engine, prompts, spec, seeds, runtime.group_size(cfg, t.n_prefix), f"sample chunk {c}"
+        )
         rows, ntok = [], 0
         for q, ex, p, res in zip(qids, exs, prompts, results):
             for j in range(t.n_prefix):

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from esm_steer.io import atomic_save, atomic_write_json
 from esm_steer.runs import RunError
 from esm_steer.token2048 import schema, shards
-from esm_steer.token2048.common import grader_kind, parts_meta, stage1_meta, stage3_meta
+from esm_steer.token2048.meta import grader_kind, parts_meta, stage1_meta, stage3_meta
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,11 @@ def summarize(final: pd.DataFrame, stage3: pd.DataFrame, cfg) -> dict:
 def plot_distribution(final: pd.DataFrame, path: Path) -> Path:
     """Histogram of best_acc with all prefixes' accs overlaid, as fractions (the two
     populations differ n_prefix-fold in size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     best = final["best_acc"].to_numpy(dtype=float)
     every = np.concatenate([np.asarray(a, dtype=float) for a in final["all_accs"]])
     bins = np.linspace(0, 1, 21)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))  # no pyplot: no backend or global figure state
+    ax = fig.subplots()
     for vals, alpha, label in ((every, 0.5, "all prefixes"), (best, 0.6, "best per question")):
         weights = np.full(len(vals), 1 / len(vals))
         ax.hist(vals, bins=bins, weights=weights, alpha=alpha, label=f"{label} (n={len(vals)})")
@@ -111,7 +108,6 @@ def plot_distribution(final: pd.DataFrame, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
     return path
 
 

@@ -18,7 +18,7 @@ output). Outside a batch forward the hook does nothing, so teacher-forced passes
 """
 
 from esm_steer.engine.hf.batch import HFDecodeBatch
-from esm_steer.engine.hf.engine import DTYPES, HFEngine, decoder_layers, eos_ids
-from esm_steer.engine.hf.sampling import _sample, mix_seed
+from esm_steer.engine.hf.engine import DTYPES, HFEngine, decoder_layers
+from esm_steer.engine.hf.sampling import _sample
 
-__all__ = ["DTYPES", "HFDecodeBatch", "HFEngine", "_sample", "decoder_layers", "eos_ids", "mix_seed"]
+__all__ = ["DTYPES", "HFDecodeBatch", "HFEngine", "_sample", "decoder_layers"]

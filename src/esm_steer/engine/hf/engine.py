@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
-from esm_steer.engine.base import FINISH_LENGTH, ChatEncoding, EngineInfo, Sample, SamplingSpec
+from esm_steer.engine.base import FINISH_LENGTH, ChatEncoding, EngineInfo, Sample, SamplingSpec, end_of_turn_ids
 from esm_steer.engine.hf.batch import HFDecodeBatch
-from esm_steer.engine.hf.sampling import mix_seed
 from esm_steer.engine.hf.state import _HookContext
 from esm_steer.engine.loading import load_tokenizer, model_path
+from esm_steer.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     if hasattr(dec, "layers"):
         return dec.layers
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def eos_ids(tokenizer, model) -> set[int]:
-    """EOS of the tokenizer plus every EOS of the model's generation config."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra is not None:
-        ids.update(int(t) for t in extra)
-    return ids
 
 
 class _StopForward(Exception):
@@ -85,7 +71,7 @@ class HFEngine(ChatEncoding):
         self.steer_layer = self.num_layers // 2 if steer_layer is None else int(steer_layer)
         if not 0 <= self.steer_layer < self.num_layers:
             raise ValueError(f"model.steer_layer={steer_layer} outside [0, {self.num_layers - 1}]")
-        self.eos_token_ids = eos_ids(tokenizer, model)
+        self.eos_token_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.info = EngineInfo(
@@ -166,15 +152,15 @@ class HFEngine(ChatEncoding):
     ) -> HFDecodeBatch:
         """Prefill `prompts` (one row each, handles 0..len-1) and return the decode batch.
 
-        Row i samples from a generator seeded mix_seed(prompt_seeds[i], 0), else
-        mix_seed(mix_seed(seed, i), 0) (seed defaults to the engine seed), which is what
+        Row i samples from a generator seeded derive_seed(prompt_seeds[i], 0), else
+        derive_seed(derive_seed(seed, i), 0) (seed defaults to the engine seed), which is what
         ``generate`` uses for sample 0 of a prompt."""
         if prompt_seeds is None:
             base = self.seed if seed is None else seed
-            prompt_seeds = [mix_seed(base, i) for i in range(len(prompts))]
+            prompt_seeds = [derive_seed(base, i) for i in range(len(prompts))]
         if len(prompt_seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_seeds)} prompt_seeds")
-        seeds = [mix_seed(s, 0) for s in prompt_seeds]
+        seeds = [derive_seed(s, 0) for s in prompt_seeds]
         return HFDecodeBatch(self, prompts, seeds, segment_delimiter, max_new_tokens, stop)
 
     def generate(
@@ -192,7 +178,7 @@ class HFEngine(ChatEncoding):
         if on_control_point is not None and not segment_delimiter:
             raise ValueError("on_control_point needs segment_delimiter")
         base = self.seed if spec.seed is None else spec.seed
-        pseeds = list(prompt_seeds) if prompt_seeds is not None else [mix_seed(base, i) for i in range(len(prompts))]
+        pseeds = list(prompt_seeds) if prompt_seeds is not None else [derive_seed(base, i) for i in range(len(prompts))]
         if len(pseeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(pseeds)} prompt_seeds")
         results: list[list[Sample]] = [[] for _ in prompts]
@@ -222,7 +208,7 @@ class HFEngine(ChatEncoding):
         )
         rows: list[list[int]] = []
         for h, s in zip(list(batch.active_rows()), pseeds):
-            rows.append([h] + batch.fork(h, n - 1, seeds=[mix_seed(s, j) for j in range(1, n)]))
+            rows.append([h] + batch.fork(h, n - 1, seeds=[derive_seed(s, j) for j in range(1, n)]))
         while batch.active_rows():
             batch.step(spec.temperature, spec.top_p)
             if on_control_point is not None:

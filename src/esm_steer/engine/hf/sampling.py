@@ -1,19 +1,10 @@
-"""Seeds and the sampler of the transformers backend: one generator per row, inverse-CDF nucleus draws."""
+"""The sampler of the transformers backend: one generator per row, inverse-CDF nucleus draws."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-
-
-def mix_seed(*parts: int | None) -> int:
-    """One 63-bit seed from a tuple of ints (e.g. (prompt seed, sample index)).
-
-    Independent streams per tuple; None counts as 0 and negative values wrap."""
-    ints = [0 if p is None else int(p) % 2**64 for p in parts]
-    return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _sample(
