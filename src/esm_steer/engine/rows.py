@@ -23,6 +23,44 @@ class RowState:
     finish_reason: str | None = None
 
 
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    """What ``Engine.start`` refuses: no prompt, or an empty one."""
+    if not prompts:
+        raise ValueError("start() needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("start() got an empty prompt")
+
+
+class RowAccess:
+    """The per-row getters of the ``DecodeBatch`` protocol, shared by both backends' batches:
+    each reads the :class:`RowState` in ``self._rows`` (handle -> state)."""
+
+    _rows: dict
+
+    def _row(self, row: int):
+        try:
+            return self._rows[row]
+        except KeyError:
+            raise KeyError(f"unknown or dropped row {row}") from None
+
+    def tokens(self, row: int) -> list[int]:
+        return self._row(row).tokens
+
+    def logprobs(self, row: int) -> list[float]:
+        return self._row(row).logprobs
+
+    def finish_reason(self, row: int) -> str | None:
+        return self._row(row).finish_reason
+
+    def prompt_len(self, row: int) -> int:
+        return self._row(row).prompt_len
+
+    def at_control_point(self, row: int) -> bool:
+        """True when the row's last decoded token completed >= 1 delimiter occurrence
+        (cleared the next time the row decodes a token)."""
+        return self._row(row).at_control_point
+
+
 def record_token(
     state: RowState,
     tok: int,

@@ -24,7 +24,7 @@ import torch
 
 from esm_steer.engine import vllm_steer
 from esm_steer.engine.base import FINISH_LENGTH
-from esm_steer.engine.rows import RowState, record_token
+from esm_steer.engine.rows import RowAccess, RowState, check_prompts, record_token
 from esm_steer.engine.segments import SegmentTracker
 
 
@@ -53,7 +53,7 @@ class _VRow(RowState):
         )
 
 
-class VLLMDecodeBatch:
+class VLLMDecodeBatch(RowAccess):
     """Rows as vLLM requests sharing their prefix (implements ``base.DecodeBatch``)."""
 
     def __init__(
@@ -64,10 +64,7 @@ class VLLMDecodeBatch:
         max_new_tokens: int | None = None,
         stop: Sequence[str] = (),
     ):
-        if not prompts:
-            raise ValueError("start() needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("start() got an empty prompt")
+        check_prompts(prompts)
         if not getattr(engine, "steer_installed", False):
             vllm_steer.install(engine)
         self.engine = engine
@@ -87,12 +84,6 @@ class VLLMDecodeBatch:
         self._rows[h] = row
         return h
 
-    def _row(self, row: int) -> _VRow:
-        try:
-            return self._rows[row]
-        except KeyError:
-            raise KeyError(f"unknown or dropped row {row}") from None
-
     def _live(self, row: int) -> _VRow:
         state = self._row(row)
         if state.finish_reason is not None:
@@ -103,21 +94,6 @@ class VLLMDecodeBatch:
 
     def active_rows(self) -> list[int]:
         return sorted(h for h, r in self._rows.items() if r.finish_reason is None)
-
-    def tokens(self, row: int) -> list[int]:
-        return self._row(row).tokens
-
-    def logprobs(self, row: int) -> list[float]:
-        return self._row(row).logprobs
-
-    def finish_reason(self, row: int) -> str | None:
-        return self._row(row).finish_reason
-
-    def at_control_point(self, row: int) -> bool:
-        return self._row(row).at_control_point
-
-    def prompt_len(self, row: int) -> int:
-        return self._row(row).prompt_len
 
     def ranges(self, row: int) -> list[tuple[int, int, torch.Tensor, float]]:
         """The row's steering history: (first, last, vector, scale) per steered segment."""

@@ -9,11 +9,11 @@ from transformers import DynamicCache
 
 from esm_steer.engine.hf.sampling import _sample
 from esm_steer.engine.hf.state import _HookContext, _Row
-from esm_steer.engine.rows import record_token
+from esm_steer.engine.rows import RowAccess, check_prompts, record_token
 from esm_steer.engine.segments import SegmentTracker
 
 
-class HFDecodeBatch:
+class HFDecodeBatch(RowAccess):
     """Rows decoding together over one KV cache (implements ``base.DecodeBatch``).
 
     A step decodes exactly one token per stepping row. Additions to the protocol:
@@ -31,10 +31,7 @@ class HFDecodeBatch:
         max_new_tokens: int | None = None,
         stop: Sequence[str] = (),
     ):
-        if not prompts:
-            raise ValueError("start() needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("start() got an empty prompt")
+        check_prompts(prompts)
         self.engine = engine
         self.device = engine.device
         self.segment_delimiter = segment_delimiter
@@ -74,12 +71,6 @@ class HFDecodeBatch:
 
     def _reindex(self) -> None:
         self._index = {h: i for i, h in enumerate(self._order)}
-
-    def _row(self, row: int) -> _Row:
-        try:
-            return self._rows[row]
-        except KeyError:
-            raise KeyError(f"unknown or dropped row {row}") from None
 
     def _live_index(self, row: int) -> int:
         if row not in self._index:
@@ -178,23 +169,6 @@ class HFDecodeBatch:
 
     def active_rows(self) -> list[int]:
         return sorted(self._order)  # handles grow with creation
-
-    def tokens(self, row: int) -> list[int]:
-        return self._row(row).tokens
-
-    def logprobs(self, row: int) -> list[float]:
-        return self._row(row).logprobs
-
-    def finish_reason(self, row: int) -> str | None:
-        return self._row(row).finish_reason
-
-    def prompt_len(self, row: int) -> int:
-        return self._row(row).prompt_len
-
-    def at_control_point(self, row: int) -> bool:
-        """True when the row's last decoded token completed ≥ 1 delimiter occurrence
-        (cleared the next time the row decodes a token)."""
-        return self._row(row).at_control_point
 
     def last_hidden(self, row: int) -> torch.Tensor:
         state = self._row(row)
