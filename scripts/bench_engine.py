@@ -10,7 +10,10 @@ ratio alike:
   3. n=16 continuations of a 256-token prefix: KV fork vs re-encoding each    (goal >= 3x)
   4. HF vs vLLM unsteered tokens/s, and vLLM steered (engine/vllm_steer.py, a different vector
      on every row) vs unsteered, where vLLM is installed                       (goal >= 0.8)
-  5. ESM eval wall time (the online policy, docs/method.md) on the same --esm-questions arith
+  5. mining's hidden states on vLLM (prompt + rollout, every position at layer ℓ): the steering
+     hook's capture (model.vllm_hidden_states=capture) vs a teacher-forced pass of the HF copy
+     (=hf), on --mine-seqs sequences, interleaved
+  6. ESM eval wall time (the online policy, docs/method.md) on the same --esm-questions arith
      questions (the debug preset's prompt and control points), HF vs vLLM, chunk by chunk in
      turn; the library and memory are built from the model's own states (3 tools), or read
      from a run's artifacts with --artifacts <run dir> (its library/ and memory/)
@@ -88,6 +91,24 @@ def fork_vs_reencode(engine, prefix, n, cont_tokens):
     return t_fork, t_re, t_ready_fork, t_ready_re
 
 
+def mining_states_wall(veng, seqs, reps: int = 2) -> dict[str, float]:
+    """Seconds of ``hidden_states`` on `seqs` per source (capture | hf), interleaved, after one
+    untimed call of each (the HF copy loads there), and the largest relative difference."""
+    spent, states = {"capture": 0.0, "hf": 0.0}, {}
+    for how in spent:
+        veng.model_cfg.vllm_hidden_states = how
+        states[how] = veng.hidden_states(seqs[:2])
+    for _ in range(reps):
+        for how in spent:
+            veng.model_cfg.vllm_hidden_states = how
+            t0 = time.perf_counter()
+            states[how] = veng.hidden_states(seqs)
+            spent[how] += time.perf_counter() - t0
+    veng.model_cfg.vllm_hidden_states = "auto"
+    rel = max(float(((a - b).norm(dim=-1) / b.norm(dim=-1)).mean()) for a, b in zip(states["capture"], states["hf"]))
+    return {k: v / reps for k, v in spent.items()} | {"rel": rel}
+
+
 def esm_artifacts(engine, prompts, artifacts: str | None):
     """(library, memory): a run's, or 3 tools from the model's states at the first prompts."""
     from esm_steer.esm.library import Library, Tool
@@ -147,6 +168,7 @@ def main():
     ap.add_argument("--n-cont", type=int, default=16)
     ap.add_argument("--cont-tokens", type=int, default=8, help="tokens per continuation (probes: 4-8)")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--mine-seqs", type=int, default=64, help="prompt + rollout sequences of the hidden-state timing")
     ap.add_argument("--esm-questions", type=int, default=64, help="arith questions of the ESM eval timing (0: skip)")
     ap.add_argument("--artifacts", default=None, help="a run dir whose library/ and memory/ the ESM timing uses")
     args = ap.parse_args()
@@ -226,6 +248,17 @@ def main():
             f"HF / vLLM unsteered tokens/s: {hf_tps / v_tps:.2f}\n"
             f"  vLLM steered / unsteered tokens/s (eager): {vs_tps / v_tps:.3f}   (>= 0.8)"
         )
+        if args.mine_seqs > 0:
+            k = -(-args.mine_seqs // len(p16))  # rollouts per prompt
+            rollouts = veng.generate(p16, SamplingSpec(max_new_tokens=2 * args.new_tokens, temperature=0.8, n=k))
+            seqs = [p + s.token_ids for p, r in zip(p16, rollouts) for s in r][: args.mine_seqs]
+            w = mining_states_wall(veng, seqs)
+            n_tok = sum(len(q) for q in seqs)
+            vllm_note += (
+                f"\n  mining hidden states, {len(seqs)} prompt + rollout sequences ({n_tok} tokens): vLLM capture "
+                f"{w['capture']:.2f} s, HF copy {w['hf']:.2f} s (HF / capture {w['hf'] / w['capture']:.2f}); "
+                f"mean relative difference <= {w['rel']:.4f}"
+            )
         if args.esm_questions > 0:
             (t_hf, t_v), same, n = esm_eval_wall([engine, veng], args.esm_questions, args.artifacts)
             vllm_note += (

@@ -156,6 +156,8 @@ def test_experiment_overrides_groups():
         ("online.variant=foo", "online.variant"),
         ("online.min_sim=2", "online.min_sim"),
         ("model.backend=tgi", "model.backend"),
+        ("model.vllm_hidden_states=hook", "model.vllm_hidden_states"),
+        ("model.vllm_hidden_states=capture", "model.vllm_hidden_states"),  # compiled: the hook cannot run
         ("token2048.shard_index=3", "token2048.shard_index"),
     ],
 )

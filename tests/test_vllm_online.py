@@ -65,6 +65,18 @@ def _artifacts(hf, prompts):
     return Library(tools, {"hidden_size": d}), Memory(l2_normalise(np.stack(keys)), entries, {"normalised": True})
 
 
+def test_captured_hidden_states_equal_hf_at_float32(setup):
+    """Mining's states from the vLLM hook (model.vllm_hidden_states=auto on an eager engine)
+    equal the HF path's teacher-forced states at float32, prompts + greedy answers, every position."""
+    hf, v, prompts, _, greedy = setup
+    assert v.hidden_states_source() == "capture"
+    seqs = [p + g for p, g in zip(prompts[:4], greedy[:4])]
+    for got, want in zip(v.hidden_states(seqs), hf.hidden_states(seqs)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+    assert v._hf is None  # no HF copy was loaded
+
+
 def _online(variant: str) -> OnlineConfig:
     return OnlineConfig(
         variant=variant, k_retrieve=4, L=2, probe_tokens=4, beta=1.0, rho=1.0, k_scale=1.0, tau_null=0.0, min_sim=-1.0

@@ -62,15 +62,29 @@ def test_hook_leaves_unsteered_steps_untouched():
     assert vllm_steer._SteerHook(runner)(None, (), (torch.zeros(1, 4), torch.zeros(1, 4))) is None
 
 
-def test_hook_captures_the_pre_steering_stream_at_the_asked_position():
-    runner = _runner({"a": [(0, 9, [1.0] * 4, 1.0)], "b": []}, ["a", "b"], [3, 2], [4, 5, 6, 0, 1], {"a": ["ta", 5]})
-    runner.requests["b"].sampling_params.extra_args = {vllm_steer.CAPTURE_KEY: ["tb", 1]}
+def test_hook_captures_the_pre_steering_stream_at_the_asked_positions():
+    runner = _runner({"a": [(0, 9, [1.0] * 4, 1.0)], "b": []}, ["a", "b"], [3, 2], [4, 5, 6, 0, 1], {"a": ["ta", 5, 5]})
+    runner.requests["b"].sampling_params.extra_args = {vllm_steer.CAPTURE_KEY: ["tb", 0, 2]}
     hook = vllm_steer._SteerHook(runner)
     hidden, residual = torch.arange(20.0).reshape(5, 4), torch.ones(5, 4)
     out, _ = hook(None, (), (hidden, residual))
     # hidden + residual (the stream) before the vector is added; b is unsteered and still captured
-    assert hook.captured == {"ta": (hidden[1] + 1).tolist(), "tb": (hidden[4] + 1).tolist()}
+    got = hook.pop()
+    assert torch.equal(vllm_steer.captured_span(got, "ta", 5, 5), hidden[1:2] + 1)
     assert torch.equal(out[:3], hidden[:3] + 1) and torch.equal(out[3:], hidden[3:])
+    # b's prompt arrives in two chunks (positions 0-1, then 2): the span joins them in order
+    with pytest.raises(RuntimeError, match="missed position 2 of request tb"):
+        vllm_steer.captured_span(got, "tb", 0, 2)
+    runner.input_batch.req_ids, runner.query_start_loc.cpu = ["b"], torch.tensor([0, 1])
+    runner.positions = torch.tensor([2])
+    hook(None, (), (torch.full((1, 4), 7.0), torch.zeros(1, 4)))
+    parts = hook.pop()["tb"]
+    joined = {"tb": (torch.cat([got["tb"][0], parts[0]]), torch.cat([got["tb"][1], parts[1]]))}
+    span = vllm_steer.captured_span(joined, "tb", 0, 2)
+    assert torch.equal(span, torch.stack([hidden[3] + 1, hidden[4] + 1, torch.full((4,), 7.0)]))
+    assert hook.pop() == {}  # popped states are forgotten
+    with pytest.raises(RuntimeError, match="captured no state for request tc"):
+        vllm_steer.captured_span(joined, "tc", 0, 0)
 
 
 def test_block_keys_separate_steering_and_share_equal_prefixes():

@@ -48,6 +48,10 @@ class ModelConfig:
     max_num_seqs: int = 64
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # where mining's hidden states come from on vLLM: capture (the layer-ℓ hook, eager engine
+    # only), hf (a teacher-forced pass of a HF copy, loaded on the same device), or auto:
+    # capture on an eager engine, else hf (measured: README, Backends)
+    vllm_hidden_states: str = "auto"
 
 
 @dataclass
@@ -255,6 +259,7 @@ def register_configs() -> None:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.backend": ("hf", "vllm"),
+    "model.vllm_hidden_states": ("auto", "capture", "hf"),
     "offline_mine.pos_source": ("rollout", "gold", "rollout_or_gold"),
     "offline_select.method": ("dpp", "top", "random"),
     "online.variant": ONLINE_METHODS,
@@ -289,6 +294,11 @@ def validate(cfg: Any) -> None:
     need(0 < g("model.gpu_memory_utilization") <= 1, "model.gpu_memory_utilization", "0 < x <= 1")
     need(g("model.tensor_parallel_size") >= 1, "model.tensor_parallel_size", "must be >= 1")
     need(g("model.steer_layer") is None or g("model.steer_layer") >= 0, "model.steer_layer", "null or >= 0")
+    need(
+        g("model.vllm_hidden_states") != "capture" or g("model.enforce_eager"),
+        "model.vllm_hidden_states",
+        "capture needs model.enforce_eager=true (compiled vLLM ignores the hook)",
+    )
     for k in ("task.max_train_examples", "task.max_eval_examples"):
         need(g(k) is None or g(k) >= 1, k, "null or >= 1")
     need(1 <= g("task.difficulty") <= 3, "task.difficulty", "1, 2 or 3")

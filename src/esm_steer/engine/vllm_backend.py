@@ -8,16 +8,20 @@ the HF backend:
   :class:`~esm_steer.engine.vllm_batch.VLLMDecodeBatch`: rows are requests that share their
   prefix through prefix caching, steered per request at layer ℓ (:mod:`.vllm_steer`, eager
   mode: ``model.enforce_eager=true``).
-- Hidden states (mining keys and vectors) come from one teacher-forced HF forward pass per
-  batch of prompt + response, on a HF model of the same converted folder loaded lazily on the
-  first ``hidden_states`` call (same dtype, device and steer layer: ``HFEngine.from_config``).
-  Chosen over a capture hook in vLLM (not measured against one): compiled vLLM ignores late
-  hooks, and the HF pass is the very code of the HF path, so keys and vectors equal its values
-  at the same dtype (tested). Memory split on a GPU: vLLM takes ``model.gpu_memory_utilization``
-  of the card (weights + KV cache) at start; the HF copy needs its weights plus one chunk of
-  activations (``hf.engine._TOKENS_PER_FORWARD`` tokens up to layer ℓ), so lower that fraction to leave
-  them free. On CPU, vLLM's KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 2 here), and the
-  in-process engine drops torch to one thread, which the HF pass then shares.
+- Hidden states (mining keys and vectors), ``model.vllm_hidden_states``:
+  ``capture``: one prefill-only request per prompt + response, which the layer-ℓ hook of
+  :mod:`.vllm_steer` records at every position (eager engine; the request skips reading the
+  prefix cache, so no position is skipped). ``hf``: one teacher-forced forward pass per batch on
+  a HF model of the same converted folder, loaded lazily on the first call (same dtype, device
+  and steer layer: ``HFEngine.from_config``), the very code of the HF path. ``auto`` (default):
+  capture on an eager engine, hf on a compiled one (compiled vLLM ignores late hooks). Both equal
+  the HF path's states within float noise (tested); the speed of each is in
+  ``scripts/bench_engine.py``. Memory split on a GPU with ``hf``: vLLM takes
+  ``model.gpu_memory_utilization`` of the card (weights + KV cache) at start; the HF copy needs
+  its weights plus one chunk of activations (``hf.engine._TOKENS_PER_FORWARD`` tokens up to
+  layer ℓ), so lower that fraction to leave them free. On CPU, vLLM's KV cache is
+  ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 2 here), and the in-process engine drops torch to one
+  thread, which the HF pass then shares.
 - Randomness: vLLM is seeded once, on the engine (a per-request ``SamplingParams(seed=)``
   with chunked prefill kills the CPU engine). Samples are reproducible for the same call
   sequence, but a prompt's samples depend on the other requests in the run, and
@@ -38,6 +42,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig
 
+from esm_steer.engine import vllm_steer
 from esm_steer.engine.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -94,6 +99,7 @@ class VLLMEngine(ChatEncoding):
         self._warned_seed = False
         self.batch_size = int(getattr(model_cfg, "batch_size", 16) or 16)  # online policy chunk
         self.steer_installed = False
+        self._capture_calls = 0
         # the steering hook runs in eager mode only (compiled vLLM ignores it)
         self.supports_steering = model_cfg is None or bool(getattr(model_cfg, "enforce_eager", True))
 
@@ -239,10 +245,53 @@ class VLLMEngine(ChatEncoding):
                 raise ValueError(f"HF steer layer {self._hf.steer_layer} != vLLM's {self.info.steer_layer}")
         return self._hf
 
+    def hidden_states_source(self) -> str:
+        """capture | hf: where :meth:`hidden_states` computes (``model.vllm_hidden_states``)."""
+        how = str(getattr(self.model_cfg, "vllm_hidden_states", "auto") or "auto")
+        if how == "auto":
+            return "capture" if self.supports_steering else "hf"
+        if how == "capture" and not self.supports_steering:
+            raise ValueError("model.vllm_hidden_states=capture needs model.enforce_eager=true")
+        return how
+
     def hidden_states(self, sequences: Sequence[list[int]], layer: int | None = None) -> list[torch.Tensor]:
-        """Teacher-forced layer output (unsteered), float32 CPU [len, hidden] per sequence, from
-        the HF copy of the model (see the module doc for the memory split)."""
+        """Teacher-forced layer output (unsteered), float32 CPU [len, hidden] per sequence: from
+        the steering hook at layer ℓ, or from the HF copy (see the module doc)."""
+        layer = self.info.steer_layer if layer is None else int(layer)
+        limit = int(getattr(self.model_cfg, "max_model_len", 0) or 0)
+        # the hook sits at layer ℓ, and a request needs room for its one sampled token
+        if (
+            self.hidden_states_source() == "capture"
+            and layer == self.info.steer_layer
+            and not (limit and max((len(s) for s in sequences), default=0) >= limit)
+        ):
+            return self._captured_states(sequences)
         return self.hf_engine().hidden_states(sequences, layer)
+
+    def _captured_states(self, sequences: Sequence[list[int]]) -> list[torch.Tensor]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not self.steer_installed:
+            vllm_steer.install(self)
+        out = [torch.zeros((0, self.info.hidden_size)) for _ in sequences]
+        todo = [i for i, s in enumerate(sequences) if len(s)]
+        self._capture_calls += 1
+        tags = {i: f"hs:{id(self)}:{self._capture_calls}:{i}" for i in todo}
+        requests, params = [], []
+        for i in todo:
+            extra = {vllm_steer.CAPTURE_KEY: [tags[i], 0, len(sequences[i]) - 1]}
+            # every position must be forwarded for the hook to see it: no prefix-cache reads
+            params.append(
+                SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True, extra_args=extra)
+            )
+            requests.append(TokensPrompt(prompt_token_ids=[int(t) for t in sequences[i]]))
+        if requests:
+            self.llm.generate(requests, params, use_tqdm=False)
+        got = vllm_steer.pop_captured(self)
+        for i in todo:
+            out[i] = vllm_steer.captured_span(got, tags[i], 0, len(sequences[i]) - 1)
+        return out
 
     # ------------------------------------------------------------------ steered decoding
 

