@@ -116,6 +116,35 @@ def test_hidden_states_from_lazy_hf_copy_equal_hf_engine(tmp_path, tokenizer, ti
     assert eng._hf is None and hf.model is None
 
 
+def test_capture_source_and_its_hf_fallbacks(tmp_path, tokenizer, tiny_model, tiny_engine):
+    """model.vllm_hidden_states: auto is capture on an eager engine and hf on a compiled one;
+    capture falls back to the HF copy for another layer or a sequence that fills max_model_len."""
+    from esm_steer.config import ModelConfig
+    from esm_steer.engine.vllm_backend import VLLMEngine
+
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+
+    def engine(**kw):
+        cfg = ModelConfig(
+            name_or_path=str(tmp_path / "tiny"), gguf_file=None, dtype="float32", device="cpu", steer_layer=1, **kw
+        )
+        return VLLMEngine(_CountingLLM(), tokenizer, EngineInfo("tiny", 2, 64, 1, "float32", "vllm"), model_cfg=cfg)
+
+    assert engine(enforce_eager=False).hidden_states_source() == "hf"
+    with pytest.raises(ValueError, match="capture needs model.enforce_eager=true"):
+        engine(enforce_eager=False, vllm_hidden_states="capture").hidden_states_source()
+    eng = engine(enforce_eager=True, max_model_len=5)
+    assert eng.hidden_states_source() == "capture"
+    full, short = [[5, 6, 7, 8, 9]], [[5, 6, 7, 8]]
+    torch.testing.assert_close(eng.hidden_states(full)[0], tiny_engine.hidden_states(full)[0])  # HF copy
+    torch.testing.assert_close(eng.hidden_states(short, layer=0)[0], tiny_engine.hidden_states(short, layer=0)[0])
+    assert eng.llm.calls == 0
+    asked = []
+    eng._captured_states = lambda seqs: asked.append(seqs) or ["captured"]
+    assert eng.hidden_states(short) == ["captured"] and asked == [short]  # layer ℓ, room for one token
+
+
 class _CountingLLM:
     """Stands for vllm.LLM: counts generate calls (none may happen before a refusal)."""
 

@@ -38,6 +38,7 @@ def test_esm_mine_on_vllm_writes_candidates(tmp_path):
     mine = _stage_dir(tmp_path / "out", "mine")
     summary = json.loads((mine / "summary.json").read_text())
     assert summary["rollouts"] == 4 * 8 and summary["hidden_size"] == 576
+    assert summary["backend"] == "vllm" and summary["hidden_states"] == "capture"  # auto on an eager engine
     cands = [json.loads(line) for line in (mine / "candidates.jsonl").read_text().splitlines()]
     assert len(cands) == summary["candidates_kept"]
     vectors = sorted((mine / "vectors").glob("*.pt"))

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig
 
+from esm_steer.config import ModelConfig
 from esm_steer.engine import vllm_steer
 from esm_steer.engine.base import (
     FINISH_LENGTH,
@@ -97,7 +98,7 @@ class VLLMEngine(ChatEncoding):
             eos_token_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
         self.eos_token_ids = set(eos_token_ids)
         self._warned_seed = False
-        self.batch_size = int(getattr(model_cfg, "batch_size", 16) or 16)  # online policy chunk
+        self.batch_size = int(getattr(model_cfg, "batch_size", ModelConfig.batch_size))  # online policy chunk
         self.steer_installed = False
         self._capture_calls = 0
         # the steering hook runs in eager mode only (compiled vLLM ignores it)
@@ -258,14 +259,12 @@ class VLLMEngine(ChatEncoding):
         """Teacher-forced layer output (unsteered), float32 CPU [len, hidden] per sequence: from
         the steering hook at layer ℓ, or from the HF copy (see the module doc)."""
         layer = self.info.steer_layer if layer is None else int(layer)
-        limit = int(getattr(self.model_cfg, "max_model_len", 0) or 0)
-        # the hook sits at layer ℓ, and a request needs room for its one sampled token
-        if (
-            self.hidden_states_source() == "capture"
-            and layer == self.info.steer_layer
-            and not (limit and max((len(s) for s in sequences), default=0) >= limit)
-        ):
-            return self._captured_states(sequences)
+        if self.hidden_states_source() == "capture" and layer == self.info.steer_layer:
+            limit = int(getattr(self.model_cfg, "max_model_len", 0) or 0)
+            if not limit or max((len(s) for s in sequences), default=0) < limit:
+                return self._captured_states(sequences)
+            # a request needs room for its one sampled token: a rollout that filled the context cannot
+            log.info("hidden states: a sequence fills model.max_model_len=%d, using the HF copy", limit)
         return self.hf_engine().hidden_states(sequences, layer)
 
     def _captured_states(self, sequences: Sequence[list[int]]) -> list[torch.Tensor]:

@@ -299,6 +299,9 @@ def mine(
         "model_id": info.model_id,
         "steer_layer": info.steer_layer,
         "hidden_size": info.hidden_size,
+        "backend": info.backend,
+        # on vLLM the states come from its layer-ℓ hook or a HF copy (model.vllm_hidden_states)
+        "hidden_states": engine.hidden_states_source() if info.backend == "vllm" else "hf",
         "K": int(cfg.offline_mine.K),
         "M": int(cfg.control_points.M),
         "pos_source": str(cfg.offline_mine.pos_source),

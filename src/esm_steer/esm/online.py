@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from esm_steer.config import ModelConfig
 from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP
 from esm_steer.esm.policy import (
     STATIC_MEAN,
@@ -113,7 +114,7 @@ class OnlinePolicy:
         """Steered greedy responses to ``prompts`` (token ids), T_max = ``max_new_tokens`` kept tokens."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        bs = int(self.engine.batch_size or 16)
+        bs = int(getattr(self.engine, "batch_size", None) or ModelConfig.batch_size)
         results: list[OnlineResult] = []
         for lo in range(0, len(prompts), bs):
             chunk = [list(p) for p in prompts[lo : lo + bs]]

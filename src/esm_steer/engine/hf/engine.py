@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
+from esm_steer.config import ModelConfig
 from esm_steer.engine.base import FINISH_LENGTH, ChatEncoding, EngineInfo, Sample, SamplingSpec, end_of_turn_ids
 from esm_steer.engine.hf.batch import HFDecodeBatch
 from esm_steer.engine.hf.state import _HookContext
@@ -51,7 +52,7 @@ class HFEngine(ChatEncoding):
         model,
         tokenizer,
         steer_layer: int | None = None,
-        batch_size: int = 16,
+        batch_size: int = ModelConfig.batch_size,
         model_id: str | None = None,
         device: str | torch.device | None = None,
         seed: int = 0,
@@ -110,7 +111,7 @@ class HFEngine(ChatEncoding):
             model.to(device),
             tokenizer,
             steer_layer=model_cfg.steer_layer,
-            batch_size=int(getattr(model_cfg, "batch_size", 16)),
+            batch_size=int(getattr(model_cfg, "batch_size", ModelConfig.batch_size)),
             model_id=model_id,
             device=device,
             seed=seed,
