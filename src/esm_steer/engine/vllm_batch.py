@@ -231,15 +231,14 @@ class VLLMDecodeBatch(RowAccess):
         pairs, tags = [], []
         for h in rows:
             state = self._rows[h]
-            tag = f"{id(self)}:{h}:{len(state.ids())}"
+            at = len(state.ids()) - 1  # the last token: the control point's state
+            tag = f"{id(self)}:{h}:{at + 1}"
             params = SamplingParams(n=1, temperature=0.0, max_tokens=1)
-            at = len(state.ids()) - 1
             pairs.append(self._request(state, params, {vllm_steer.CAPTURE_KEY: [tag, at, at]}))
-            tags.append(tag)
+            tags.append((tag, at))
         self._generate(pairs)
         got = vllm_steer.pop_captured(self.engine)
-        for h, tag in zip(rows, tags):
+        for h, (tag, at) in zip(rows, tags):
             state = self._rows[h]
-            at = len(state.ids()) - 1
             state.hidden = vllm_steer.captured_span(got, tag, at, at)[0]
-            state.hidden_at = len(state.ids())
+            state.hidden_at = at + 1

@@ -214,11 +214,12 @@ def captured_span(got: dict, tag: str, first: int, last: int) -> torch.Tensor:
     if tag not in got:
         raise RuntimeError(f"vLLM steering hook captured no state for request {tag}")
     pos, states = got[tag]
-    out = torch.full((last - first + 1, states.shape[-1]), float("nan"))
     keep = (pos >= first) & (pos <= last)
-    out[pos[keep] - first] = states[keep]  # a recomputed position (preemption) writes the same state
+    at = pos[keep] - first
+    out = torch.empty((last - first + 1, states.shape[-1]))
+    out[at] = states[keep]  # a recomputed position (preemption) writes the same state
     seen = torch.zeros(len(out), dtype=torch.bool)
-    seen[pos[keep] - first] = True
+    seen[at] = True
     if not bool(seen.all()):
         missing = int((~seen).nonzero()[0, 0]) + first
         raise RuntimeError(f"vLLM steering hook missed position {missing} of request {tag} (a prefix-cache hit?)")
