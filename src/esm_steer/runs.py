@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from esm_steer.engine.precision import resolve_config
 from esm_steer.io import RunError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def start_run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, stage: 
     with open_dict(cfg):
         if cfg.outputs.run_id in (None, "latest"):
             cfg.outputs.run_id = run_dir.name
+        resolve_config(cfg.get("model"))  # model.dtype=auto -> the dtype of this machine, recorded
     resolved = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_json(run_dir / "config_resolved.json", resolved)
     if stage:

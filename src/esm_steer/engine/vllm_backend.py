@@ -56,6 +56,7 @@ from esm_steer.engine.base import (
 )
 from esm_steer.engine.hf import HFEngine
 from esm_steer.engine.loading import default_cache_dir, load_tokenizer, model_path
+from esm_steer.engine.precision import engine_dtype
 from esm_steer.engine.vllm_batch import VLLMDecodeBatch
 from esm_steer.engine.vllm_steer import EXTENSION as STEER_EXTENSION
 from esm_steer.engine.vllm_steer import token_logprob
@@ -118,20 +119,21 @@ class VLLMEngine(ChatEncoding):
         hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         num_layers = int(hf_cfg.num_hidden_layers)
         steer = model_cfg.steer_layer
+        dtype = engine_dtype(model_cfg)  # auto resolved as on HF (engine/precision.py), logged with its reason
         info = EngineInfo(
             model_id=model_id,
             num_layers=num_layers,
             hidden_size=int(hf_cfg.hidden_size),
             steer_layer=num_layers // 2 if steer is None else int(steer),
-            dtype=str(model_cfg.dtype),
+            dtype=dtype.name,
             backend="vllm",
         )
-        log.info("starting vLLM on %s (%s)", model_id, model_cfg.dtype)
+        log.info("starting vLLM on %s (%s)", model_id, dtype.name)
         llm = LLM(
             model=path,
             tokenizer=path,
             seed=int(seed),
-            dtype=str(model_cfg.dtype),
+            dtype=dtype.name,
             enable_prefix_caching=True,
             gpu_memory_utilization=float(model_cfg.gpu_memory_utilization),
             max_model_len=int(model_cfg.max_model_len),

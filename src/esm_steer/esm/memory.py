@@ -198,6 +198,7 @@ def build_memory(
     meta = {
         "model": library.meta.get("model_id"),
         "layer": library.meta.get("steer_layer"),
+        "dtype": library.meta.get("dtype"),
         "d": keys.shape[1],
         "N": keys.shape[0],
         "normalised": bool(normalize_keys),

@@ -246,7 +246,7 @@ def _check_resume(mine_dir: Path, info, cfg: DictConfig) -> None:
     rollouts = mine_dir / artifacts.ROLLOUTS
     provenance.check_or_write(
         mine_dir / artifacts.MINE_META,
-        {"model_id": info.model_id, "sampling": provenance.fingerprint(cfg, SAMPLING_KEYS)},
+        {"model_id": info.model_id, "dtype": info.dtype, "sampling": provenance.fingerprint(cfg, SAMPLING_KEYS)},
         f"{rollouts} holds rollouts",
         "use another outputs.run_id",
         check=rollouts.exists(),
@@ -299,6 +299,7 @@ def mine(
         "model_id": info.model_id,
         "steer_layer": info.steer_layer,
         "hidden_size": info.hidden_size,
+        "dtype": info.dtype,  # the engine's resolved dtype: later stages refuse another
         "backend": info.backend,
         # on vLLM the states come from its layer-ℓ hook or a HF copy (model.vllm_hidden_states)
         "hidden_states": engine.hidden_states_source() if info.backend == "vllm" else "hf",

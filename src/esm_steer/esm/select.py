@@ -196,6 +196,7 @@ def run(cfg: DictConfig, run, engine=None) -> None:
     meta = {
         "model_id": mine_summary["model_id"],
         "steer_layer": mine_summary["steer_layer"],
+        "dtype": mine_summary.get("dtype"),  # the dtype the states were mined at
         "hidden_size": mine_summary["hidden_size"],
         "created": now_iso(),
         "method": str(sc.method),

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from esm_steer.config import validate
+from esm_steer.engine.precision import resolve_config
 from esm_steer.esm import artifacts
 from esm_steer.evaluate.jobs import read_job
 from esm_steer.evaluate.offline import candidate_paths, has_artifacts
@@ -84,6 +85,7 @@ def apply_best_of(cfg: DictConfig, run: Run) -> DictConfig:
     with open_dict(new):
         new.outputs = copy.deepcopy(cfg.outputs)  # this run's dir and ids
         new.eval.best_of = None
+        resolve_config(new.model)  # as start_run does for this run's own config
     validate(new)
     num = lambda k: None if pd.isna(best.get(k)) else float(best[k])  # noqa: E731
     info = {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
+from esm_steer import provenance
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm.library import Library
 from esm_steer.esm.memory import Memory
@@ -49,6 +50,14 @@ def make_policy(engine, artifact_dir: Path, cfg: DictConfig, variant: str, cache
     if "library" not in cache:
         cache["library"] = Library.load(artifact_dir)
         cache["memory"] = Memory.load(artifact_dir, engine.info.model_id, engine.info.steer_layer)
+    mined = cache["library"].meta.get("dtype")  # states mined at one dtype, queried at another: refuse
+    provenance.check_same(
+        {"dtype": mined} if mined else {},
+        {"dtype": engine.info.dtype},
+        f"the library in {artifact_dir}",
+        f"set model.dtype={mined} (as it was mined) or mine it again at {engine.info.dtype}",
+        shared=True,
+    )
     return OnlinePolicy(engine, cache["library"], cache["memory"], online_cfg_for(cfg, variant), cfg.control_points)
 
 

@@ -11,6 +11,7 @@ def stage1_meta(cfg) -> dict:
     return {
         "model.name_or_path": cfg.model.name_or_path,
         "model.gguf_file": cfg.model.gguf_file,
+        "model.dtype": cfg.model.dtype,  # resolved by start_run (auto -> this machine's dtype)
         "task.dataset": cfg.task.dataset,
         "task.split": cfg.task.train_split,
         "token2048.data_path": t.data_path,

@@ -15,11 +15,11 @@ from esm_steer.engine.base import FINISH_LENGTH, ChatEncoding, EngineInfo, Sampl
 from esm_steer.engine.hf.batch import HFDecodeBatch
 from esm_steer.engine.hf.state import _HookContext
 from esm_steer.engine.loading import load_tokenizer, model_path
+from esm_steer.engine.precision import DTYPES as DTYPES  # re-exported by engine.hf
+from esm_steer.engine.precision import engine_dtype, resolve_device, slowdown_note
 from esm_steer.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Tokens of teacher-forced passes per forward (rows x padded length): bounds activation memory.
 _TOKENS_PER_FORWARD = 16384
@@ -96,16 +96,16 @@ class HFEngine(ChatEncoding):
         """Load from a ``ModelConfig`` (or a DictConfig with its fields)."""
         if getattr(model_cfg, "num_threads", None):
             torch.set_num_threads(int(model_cfg.num_threads))
-        dtype_name = str(model_cfg.dtype)
-        if dtype_name not in DTYPES:
-            raise ValueError(f"model.dtype={dtype_name} must be one of {sorted(DTYPES)}")
-        device = str(getattr(model_cfg, "device", "auto") or "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(getattr(model_cfg, "device", "auto"))
+        choice = engine_dtype(model_cfg, warn=False)  # auto: from the device (engine/precision.py)
         path, model_id = model_path(model_cfg)
         trust = bool(getattr(model_cfg, "trust_remote_code", False))
-        log.info("loading %s (%s) on %s", model_id, dtype_name, device)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name], trust_remote_code=trust)
+        log.info("loading %s (%s) on %s", model_id, choice.name, device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=choice.torch_dtype, trust_remote_code=trust)
+        if choice.warning:
+            c = model.config
+            shape = (32, int(c.hidden_size), int(getattr(c, "intermediate_size", 4 * c.hidden_size)))
+            log.warning("%s; %s", choice.warning, slowdown_note(choice.torch_dtype, *shape))  # the one warning
         tokenizer = load_tokenizer(path)
         return cls(
             model.to(device),
