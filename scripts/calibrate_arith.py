@@ -24,10 +24,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy; > 0: one sample per problem (mining's regime)"
+    )
     ap.add_argument("--show", type=int, default=2, help="responses printed per prompt")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
 
     from transformers import AutoModelForCausalLM
 
@@ -56,7 +60,8 @@ def main() -> None:
                         input_ids=input_ids,
                         attention_mask=mask,
                         max_new_tokens=args.max_new_tokens,
-                        do_sample=False,
+                        do_sample=args.temperature > 0,
+                        **({"temperature": args.temperature, "top_p": 0.95} if args.temperature > 0 else {}),
                         pad_token_id=pad,
                     )
                 for ex, row in zip(batch, out[:, width:]):
@@ -67,8 +72,9 @@ def main() -> None:
                         shown += 1
                         print(f"--- {ex.question}\n>>> {text.strip()}\n[gold {ex.gold}, correct={ok}]")
             acc = correct / len(examples)
+            mode = "greedy" if args.temperature <= 0 else f"T={args.temperature}"
             print(
-                f"difficulty={difficulty} prompt={template}: greedy accuracy {correct}/{len(examples)} "
+                f"difficulty={difficulty} prompt={template}: {mode} accuracy {correct}/{len(examples)} "
                 f"= {acc:.1%} ({time.time() - t0:.0f}s)",
                 flush=True,
             )

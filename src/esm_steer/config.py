@@ -79,7 +79,7 @@ class TaskConfig:
     split_seed: int = 0  # the carve's seed (not cfg.seed: mining and eval runs must agree)
     max_train_examples: int | None = None  # null: all
     max_eval_examples: int | None = None
-    difficulty: int = 1  # synthetic arith only: 1 = easy one-step ... 3 = three steps
+    difficulty: int = 1  # synthetic arith only: 1 = easy one-step ... 3 = three steps; 4 = 3-5 easy steps
     num_synthetic: int = 1000  # synthetic arith only: problems per split
     # the task's token budget: the default of decode.max_new_tokens (T_max of eval) and of
     # offline_mine.max_new_tokens; each conf/task/*.yaml sets the seed's minimum for its kind
@@ -103,6 +103,9 @@ class DecodeConfig:
 class ControlPointsConfig:
     segment_delimiter: str = "\n\n"
     M: int = 8  # at most M segments (control points 0..M-1)
+    # the first control point that is mined and steered: 0 is the end of the prompt; STIR
+    # starts at 1 (the first segment is the model's own, docs/method.md)
+    first_m: int = 0
 
 
 @dataclass
@@ -115,6 +118,9 @@ class OfflineMineConfig:
     require_correct_and_incorrect: bool = True
     pos_source: str = "rollout"  # rollout | gold | rollout_or_gold
     length_penalty: float = 0.1
+    # what v is: segment_mean (mean h over segment m, P minus N) or control_point (STIR: h at
+    # the control point itself, mean over P minus mean over N)
+    vector: str = "segment_mean"
 
 
 @dataclass
@@ -131,6 +137,12 @@ class OfflineMemoryConfig:
     # subtract the mean key (keys and queries) before normalising: hidden states are
     # anisotropic (raw cosines ~0.99), centring makes cosine retrieval discriminative
     center_keys: bool = True
+    # what keys a tool: states (one entry per mining state of P and N) or contrast (STIR: one
+    # entry keyed on the mean failing state mu-)
+    entries: str = "states"
+    # STIR's null anchors: the succeeding states (mu+ with entries=contrast, each P state with
+    # states) become entries without a vector, and a tool is keyed on the failing states only
+    null_anchors: bool = False
 
 
 @dataclass
@@ -148,6 +160,14 @@ class OnlineConfig:
     # baseline static: the one vector injected at every control point (x k_scale): the top-Q
     # tool's (top) or the Q-weighted mean of the library's vectors (mean)
     static_vector: str = "top"
+    # where the chosen vector enters: segment (every position of the next segment, kept on after
+    # the last control point) or impulse (STIR: the control-point position only, its forward
+    # redone; the probes are thrown away and the segment generated again from there)
+    inject: str = "segment"
+    probe_scale: float | None = None  # the probes' scale of v; null: k_scale (STIR: 1.0)
+    # what null scores: zero, or anchors (STIR: beta * the best sim*Q of the retrieved null anchors)
+    null_score: str = "zero"
+    retrieve_same_m: bool = False  # search only entries mined at the same control point m (STIR)
 
 
 @dataclass
@@ -266,8 +286,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "offline_select.method": ("dpp", "top", "random"),
     "online.variant": ONLINE_METHODS,
     "online.static_vector": ("top", "mean"),
+    "online.inject": ("segment", "impulse"),
+    "online.null_score": ("zero", "anchors"),
+    "offline_mine.vector": ("segment_mean", "control_point"),
+    "offline_memory.entries": ("states", "contrast"),
     "token2048.grader": ("auto", "math_dapo", "task"),
     "eval.split": ("test", "val"),
+    "eval.objective": ("accuracy", "delta_vs_greedy"),
+    "logger.name": ("none", "mlflow"),
 }
 
 
@@ -303,13 +329,14 @@ def validate(cfg: Any) -> None:
     )
     for k in ("task.max_train_examples", "task.max_eval_examples"):
         need(g(k) is None or g(k) >= 1, k, "null or >= 1")
-    need(1 <= g("task.difficulty") <= 3, "task.difficulty", "1, 2 or 3")
+    need(1 <= g("task.difficulty") <= 4, "task.difficulty", "1, 2, 3 or 4")
     need(g("task.budget") >= 1, "task.budget", "must be >= 1")
     need(g("decode.max_new_tokens") >= 1, "decode.max_new_tokens", "must be >= 1")
     need(g("decode.temperature") >= 0, "decode.temperature", "must be >= 0")
     need(0 < g("decode.top_p") <= 1, "decode.top_p", "0 < top_p <= 1")
     need(g("control_points.M") >= 1, "control_points.M", "must be >= 1")
     need(len(g("control_points.segment_delimiter")) > 0, "control_points.segment_delimiter", "non-empty")
+    need(0 <= g("control_points.first_m") < g("control_points.M"), "control_points.first_m", "0 <= first_m < M")
 
     need(g("offline_mine.K") >= 1, "offline_mine.K", "must be >= 1")
     need(1 <= g("offline_mine.K_pos") <= g("offline_mine.K"), "offline_mine.K_pos", "1 <= K_pos <= offline_mine.K")
@@ -334,6 +361,12 @@ def validate(cfg: Any) -> None:
     need(-1 <= g("online.min_sim") <= 1, "online.min_sim", "-1 <= min_sim <= 1 (a cosine)")
     need(g("online.min_entries") >= 0, "online.min_entries", "must be >= 0")
     need(g("online.min_entries") <= g("online.k_retrieve"), "online.min_entries", "min_entries <= online.k_retrieve")
+    need(g("online.probe_scale") is None or g("online.probe_scale") >= 0, "online.probe_scale", "null or >= 0")
+    need(
+        g("online.null_score") != "anchors" or g("offline_memory.null_anchors"),
+        "online.null_score",
+        "anchors needs a memory with null anchors (offline_memory.null_anchors=true)",
+    )
 
     for m in g("eval.methods"):
         need(m in METHODS, "eval.methods", "each one of " + ", ".join(METHODS))

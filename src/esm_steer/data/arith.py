@@ -2,7 +2,10 @@
 
 difficulty 1: one step, + or -, operands <= 12 (the embedded 135M model solves ~1/3-1/2);
 difficulty 2: two steps of + / -, operands <= 30;
-difficulty 3: three steps, + / - / "n bags of m" / doubling, operands up to ~99.
+difficulty 3: three steps, + / - / "n bags of m" / doubling, operands up to ~99;
+difficulty 4: a chain of three or four single-digit + / - operations ("Compute 3 + 4 - 2 + 5
+step by step."), one written line per operation: each step is easy, and an answer has a control
+point after every line (segment delimiter "\n"), which word problems at this model's level do not give.
 
 Problems come from one seeded stream; each question text goes to train, val or test by a hash
 of the text (:func:`split_of`), so the splits never share a problem, whatever the seed. val was
@@ -91,8 +94,8 @@ QUESTIONS = [
     "How many {obj} does {name} have in the end?",
 ]
 
-# per difficulty: steps, start range, operand range
-LEVELS = {1: (1, (2, 12), (1, 12)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60))}
+# per difficulty: steps (4: a (lo, hi) range drawn per problem), start range, operand range
+LEVELS = {1: (1, (2, 12), (1, 12)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60)), 4: ((3, 4), (1, 9), (1, 9))}
 
 
 @dataclass
@@ -106,8 +109,27 @@ def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
+def make_chain(rng: random.Random, n_steps: int, a: tuple[int, int], b: tuple[int, int]) -> ArithProblem:
+    """difficulty 4: "Compute a + b - c ... step by step." (results stay >= 0)."""
+    value = rng.randint(*a)
+    expr, steps = [str(value)], []
+    for _ in range(n_steps):
+        x = rng.randint(*b)
+        if rng.random() < 0.5 and value > x:
+            steps.append(f"{value} - {x} = {value - x}")
+            expr.append(f"- {x}")
+            value -= x
+        else:
+            steps.append(f"{value} + {x} = {value + x}")
+            expr.append(f"+ {x}")
+            value += x
+    return ArithProblem(f"Compute {' '.join(expr)} step by step.", value, steps)
+
+
 def make_problem(rng: random.Random, difficulty: int) -> ArithProblem:
     n_steps, (a_lo, a_hi), (b_lo, b_hi) = LEVELS[difficulty]
+    if difficulty == 4:
+        return make_chain(rng, rng.randint(*n_steps), (a_lo, a_hi), (b_lo, b_hi))
     name, he, his = rng.choice(NAMES)
     him = "him" if he == "he" else "her"
     obj = rng.choice(OBJECTS)
@@ -116,7 +138,7 @@ def make_problem(rng: random.Random, difficulty: int) -> ArithProblem:
     value = rng.randint(a_lo, a_hi)
     sentences, steps = [rng.choice(STARTS).format(a=value, **fill)], []
     for _ in range(n_steps):
-        kinds = ["add", "sub"] + (["bags", "double"] if difficulty >= 3 else [])
+        kinds = ["add", "sub"] + (["bags", "double"] if difficulty == 3 else [])
         kind = rng.choice(kinds)
         if kind == "sub" and value <= b_lo:
             kind = "add"
@@ -165,7 +187,7 @@ def generate(split: str, seed: int = 0, difficulty: int = 1, num: int = 1000):
     if split not in SPLITS:
         raise DataError(f"task=arith has splits {', '.join(SPLITS)}, not {split!r}")
     if difficulty not in LEVELS:
-        raise DataError(f"arith difficulty must be 1, 2 or 3, got {difficulty!r}")
+        raise DataError(f"arith difficulty must be one of {', '.join(map(str, LEVELS))}, got {difficulty!r}")
     if num < 1:
         raise DataError(f"num_synthetic must be >= 1, got {num}")
     rng = random.Random(f"esm-steer-arith-{seed}-{difficulty}")

@@ -36,6 +36,13 @@ ARITH_SHOTS = (
     ),
 )
 
+# arith difficulty 4: one line per step, so that each step ends at a control point ("\n")
+ARITH_STEPS_SHOTS = (
+    ("Compute 4 + 3 - 2 + 5 step by step.", "4 + 3 = 7.\n7 - 2 = 5.\n5 + 5 = 10.\nThe answer is 10."),
+    ("Compute 8 - 3 + 2 - 4 + 1 step by step.", "8 - 3 = 5.\n5 + 2 = 7.\n7 - 4 = 3.\n3 + 1 = 4.\nThe answer is 4."),
+    ("Compute 6 + 5 - 4 + 2 step by step.", "6 + 5 = 11.\n11 - 4 = 7.\n7 + 2 = 9.\nThe answer is 9."),
+)
+
 PROMPTS: dict[str, PromptTemplate] = {
     t.name: t
     for t in [
@@ -65,6 +72,7 @@ PROMPTS: dict[str, PromptTemplate] = {
         PromptTemplate("dapo", DAPO_PREFIX + "{question}" + DAPO_SUFFIX),
         PromptTemplate("arith_0shot", ARITH_RULE + "\n\n{question}"),
         PromptTemplate("arith_3shot", ARITH_RULE + "\n\n{question}", shots=ARITH_SHOTS),
+        PromptTemplate("arith_steps_3shot", ARITH_RULE + "\n\n{question}", shots=ARITH_STEPS_SHOTS),
     ]
 }
 

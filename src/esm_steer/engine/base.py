@@ -197,6 +197,12 @@ class DecodeBatch(Protocol):
         """scale·vector is added to layer ℓ's output at every position this row decodes from
         now on (None: no steering; such a row is bit-identical to an unhooked model)."""
 
+    def set_impulse(self, row: int, vector: torch.Tensor | None, scale: float = 1.0) -> None:
+        """scale·vector is added to layer ℓ's output at the row's last token only (the control
+        point's position: the end of the prompt, or the last decoded token), on top of whatever
+        steered it: that position is computed again before the row's next token is drawn, and
+        every later position attends to its steered KV (online.inject=impulse)."""
+
     def fork(self, row: int, n: int) -> list[int]:
         """n new rows that are exact copies of `row` (tokens, logprobs, steering, KV cache or
         its prefix-cache key). The prefix is not re-encoded. The original row stays active."""

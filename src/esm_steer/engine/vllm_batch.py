@@ -118,6 +118,19 @@ class VLLMDecodeBatch(RowAccess):
             kept.append([pos, vllm_steer.OPEN, v, float(scale), self._key(vector, v, float(scale))])
         state.ranges = kept
 
+    def set_impulse(self, row: int, vector: torch.Tensor | None, scale: float = 1.0) -> None:
+        """scale·vector at the row's last token only: a one-position range there. That token was
+        generated but not yet forwarded as part of a prompt, or was forwarded under other block
+        keys (a capture), so the next request computes it with the impulse (block keys differ)."""
+        state = self._live(row)
+        if vector is None:
+            return
+        v = torch.as_tensor(vector).detach().float().cpu().reshape(-1)
+        if v.numel() != int(self.engine.info.hidden_size):
+            raise ValueError(f"steering vector has {v.numel()} values, hidden size is {self.engine.info.hidden_size}")
+        at = len(state.prompt) + len(state.tokens) - 1
+        state.ranges.append([at, at, v, float(scale), self._key(vector, v, float(scale))])
+
     def _key(self, original, v: torch.Tensor, scale: float) -> str:
         cached = self._keys.get(id(original))
         if cached is None or cached[0] is not original:

@@ -8,7 +8,11 @@ rollouts of both sets reach with a non-empty segment m:
 
 - key k  = mean over P∪N of h at the last token before control point m (m = 0: last prompt token)
 - v      = mean_{r∈P} s(r, m) − mean_{r∈N} s(r, m),  s(r, m) = mean of h over segment m of r
+           (``vector: segment_mean``), or with ``vector: control_point`` (STIR) s(r, m) = h at
+           the control point itself: v = μ⁺ − μ⁻ of the states the key averages
 - Q      = R̄_P − R̄_N over the rollouts that reach m
+
+Control points m = first_m..M−1 are mined (STIR: first_m = 1, never the end of the prompt).
 
 v is not normalised and Q is not scaled by ‖v‖. The top ``keep_top_C`` by Q (ties: question
 id, m) are kept.
@@ -98,18 +102,33 @@ class Candidate:
         }
 
 
-def question_candidates(question_id: str, pos: Sequence[Trace], neg: Sequence[Trace], M: int) -> list[Candidate]:
-    """The candidates (q, m), m = 0..M−1, that P and N both reach."""
+VECTORS = ("segment_mean", "control_point")  # offline_mine.vector
+
+
+def question_candidates(
+    question_id: str,
+    pos: Sequence[Trace],
+    neg: Sequence[Trace],
+    M: int,
+    vector: str = "segment_mean",
+    first_m: int = 0,
+) -> list[Candidate]:
+    """The candidates (q, m), m = first_m..M−1, that P and N both reach."""
+    if vector not in VECTORS:
+        raise ValueError(f"offline_mine.vector={vector!r}: one of {', '.join(VECTORS)}")
     out = []
-    for m in range(M):
+    for m in range(first_m, M):
         P = [t for t in pos if t.reaches(m)]
         N = [t for t in neg if t.reaches(m)]
         if not P or not N:
             continue
         states = torch.stack([t.state(m) for t in P + N]).float()
-        v = torch.stack([t.segment_mean(m) for t in P]).float().mean(0) - torch.stack(
-            [t.segment_mean(m) for t in N]
-        ).float().mean(0)
+        if vector == "control_point":
+            v = states[: len(P)].mean(0) - states[len(P) :].mean(0)
+        else:
+            v = torch.stack([t.segment_mean(m) for t in P]).float().mean(0) - torch.stack(
+                [t.segment_mean(m) for t in N]
+            ).float().mean(0)
         Q = sum(t.reward for t in P) / len(P) - sum(t.reward for t in N) / len(N)
         out.append(Candidate(question_id, m, float(Q), v, states.mean(0), states, len(P), len(N)))
     return out

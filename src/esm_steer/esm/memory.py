@@ -2,7 +2,9 @@
 
 One entry per (tool, mining state): every state at the tool's (q, m) — h at the last token
 before control point m of each rollout of P∪N — so a tool has several anchors (docs/method.md,
-Stage III).
+Stage III). ``offline_memory.entries: contrast`` keys a tool once, on μ⁻ (the mean failing
+state), as STIR does; ``null_anchors`` turns the succeeding states (μ⁺, or each P state) into
+entries without a tool (``tool_id`` null), so that null competes as "this looks like success".
 Keys are L2-normalised when ``offline_memory.normalize_keys``; inner-product search on them
 is cosine similarity (faiss ``IndexFlatIP``, exact). With ``offline_memory.center_keys`` the
 mean key is subtracted first (from keys and queries alike): residual-stream states are
@@ -51,7 +53,7 @@ def _parse_meta(text: str) -> dict:
         k, v = (s.strip() for s in line.split(":", 1))
         if k in _META_TYPES:
             meta[k] = _META_TYPES[k](v) if v not in ("", "None") else None
-        elif k in ("normalised", "centered"):
+        elif k in ("normalised", "centered", "null_anchors"):
             meta[k] = v.lower() in ("true", "1", "yes")
         else:
             meta[k] = v
@@ -85,9 +87,11 @@ class Memory:
                 self._index.add(self.keys)
         return self._index
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, ms: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(sims [B, k] float32, idx [B, k] int64) by inner product; queries are normalised
-        here when the keys are (then sims are cosines). Missing hits: idx −1, sim −inf."""
+        here when the keys are (then sims are cosines). Missing hits: idx −1, sim −inf.
+        ``ms``: the control point of each query; only entries mined at that m are searched
+        (``online.retrieve_same_m``)."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -97,10 +101,43 @@ class Memory:
             q = q - self.center
         if self.normalised:
             q = l2_normalise(q)
-        sims, idx = self.index.search(np.ascontiguousarray(q), int(k))
+        if ms is None:
+            return self._search(self.index, None, q, k)
+        sims = np.full((len(q), int(k)), -np.inf, dtype=np.float32)
+        idx = np.full((len(q), int(k)), -1, dtype=np.int64)
+        for m in sorted(set(int(x) for x in ms)):
+            rows = [b for b, x in enumerate(ms) if int(x) == m]
+            index, ids = self._index_of_m(m)
+            if index is not None:
+                sims[rows], idx[rows] = self._search(index, ids, q[rows], k)
+        return sims, idx
+
+    @staticmethod
+    def _search(index, ids: np.ndarray | None, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sims, idx = index.search(np.ascontiguousarray(q), int(k))
         idx = idx.astype(np.int64)
+        if ids is not None:  # a sub-index: its rows back to the memory's entry indices
+            idx = np.where(idx >= 0, ids[np.clip(idx, 0, None)], -1)
         sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
         return sims, idx
+
+    def _index_of_m(self, m: int):
+        """(faiss index over the entries mined at m, their entry indices); (None, None) if none."""
+        cache = self.__dict__.setdefault("_by_m", {})
+        if m not in cache:
+            import faiss
+
+            ids = np.array([i for i, e in enumerate(self.entries) if int(e["m"]) == m], dtype=np.int64)
+            index = None
+            if len(ids):
+                index = faiss.IndexFlatIP(self.keys.shape[1])
+                index.add(np.ascontiguousarray(self.keys[ids]))
+            cache[m] = (index, ids)
+        return cache[m]
+
+    @property
+    def has_null_anchors(self) -> bool:
+        return any(e.get("tool_id") is None for e in self.entries)
 
     # ------------------------------------------------------------ disk
 
@@ -168,25 +205,63 @@ class Memory:
         return cls(keys, entries, meta, index, center)
 
 
+ENTRIES = ("states", "contrast")  # offline_memory.entries
+
+
+def _tool_keys(t, entries: str, null_anchors: bool) -> list[tuple[str | None, str | int, np.ndarray]]:
+    """(tool_id or None for an anchor, which state, key) of one tool's entries."""
+    states = t.states.float().numpy()
+    n_pos = int(t.meta.get("n_pos", 0))
+    if null_anchors and not 0 < n_pos < len(states):
+        raise RunError(f"tool {t.tool_id}: null anchors need its P and N states (n_pos={n_pos}, {len(states)} states)")
+    if entries == "contrast":
+        if not 0 < n_pos < len(states):
+            raise RunError(f"tool {t.tool_id}: entries=contrast needs its P and N states (n_pos={n_pos})")
+        out = [(t.tool_id, "neg_mean", states[n_pos:].mean(0))]
+        return out + ([(None, "pos_mean", states[:n_pos].mean(0))] if null_anchors else [])
+    if not null_anchors:
+        return [(t.tool_id, i, s) for i, s in enumerate(states)]
+    return [(None if i < n_pos else t.tool_id, i, s) for i, s in enumerate(states)]
+
+
+def check_online(online_cfg, run_dir: str | os.PathLike) -> None:
+    """Refuse, before any model loads, online keys that the memory of ``run_dir`` cannot serve
+    (one line naming the keys): null scored from anchors on a memory built without them."""
+    meta_path = Path(run_dir) / artifacts.MEMORY_DIR / artifacts.MEMORY_META
+    if online_cfg.null_score != "anchors" or not meta_path.exists():
+        return  # no memory yet: Memory.load says so, with the rebuild command
+    if not _parse_meta(meta_path.read_text(encoding="utf-8")).get("null_anchors", False):
+        raise RunError(
+            f"online.null_score=anchors needs null anchors, but {meta_path} records a memory built without "
+            "them: rebuild it with offline_memory.null_anchors=true, or set online.null_score=zero"
+        )
+
+
 def build_memory(
-    library: Library, normalize_keys: bool = True, T_max: int | None = None, center_keys: bool = False
+    library: Library,
+    normalize_keys: bool = True,
+    T_max: int | None = None,
+    center_keys: bool = False,
+    entries_of: str = "states",
+    null_anchors: bool = False,
 ) -> Memory:
-    """One entry per (tool, mining state)."""
+    """One entry per (tool, mining state), or per tool and anchor (``entries_of``, ``null_anchors``)."""
+    if entries_of not in ENTRIES:
+        raise ValueError(f"offline_memory.entries={entries_of!r}: one of {', '.join(ENTRIES)}")
     rows, entries = [], []
     for t in library.tools:
-        states = t.states.float().numpy()
-        for i, s in enumerate(states):
+        for tool, state, key in _tool_keys(t, entries_of, null_anchors):
             entries.append(
                 {
                     "entry_id": len(entries),
-                    "tool_id": t.tool_id,
+                    "tool_id": tool,
                     "question_id": t.question_id,
                     "m": int(t.m),
                     "Q": float(t.Q),
-                    "state": i,
+                    "state": state,
                 }
             )
-            rows.append(s)
+            rows.append(key)
     d = int(library.meta.get("hidden_size") or (library.tools[0].states.shape[1] if library.tools else 0))
     keys = np.stack(rows).astype(np.float32) if rows else np.zeros((0, d), np.float32)
     center = None
@@ -206,6 +281,8 @@ def build_memory(
         "created": now_iso(),
         "tools": len(library),
         "T_max": T_max,
+        "entries": entries_of,
+        "null_anchors": bool(null_anchors),
     }
     return Memory(keys, entries, meta, center=center)
 
@@ -221,14 +298,18 @@ def run(cfg: DictConfig, run, engine=None) -> None:
         bool(cfg.offline_memory.normalize_keys),
         int(cfg.decode.max_new_tokens),
         center_keys=bool(cfg.offline_memory.center_keys),
+        entries_of=str(cfg.offline_memory.entries),
+        null_anchors=bool(cfg.offline_memory.null_anchors),
     )
     memory.save(run.dir)
     per_tool = len(memory) / len(library)
     log.info(
-        "memory: %d entries from %d tools (%.1f states per tool), d=%d, centered=%s normalised=%s, model %s layer %s",
+        "memory: %d entries from %d tools (%.1f per tool, %d null anchors), d=%d, centered=%s normalised=%s, "
+        "model %s layer %s",
         len(memory),
         len(library),
         per_tool,
+        sum(e["tool_id"] is None for e in memory.entries),
         memory.meta["d"],
         memory.meta["centered"],
         memory.normalised,

@@ -167,7 +167,9 @@ def mine_candidates(
             ids = r["token_ids"]
             offsets = control_point_offsets(token_pieces(tok, ids), cp.segment_delimiter, int(cp.M))
             traces.append(Trace(float(r["reward"]), h.float(), len(prompt), offsets, len(ids)))
-        cands = question_candidates(str(ex.id), traces[: len(P)], traces[len(P) :], int(cp.M))
+        cands = question_candidates(
+            str(ex.id), traces[: len(P)], traces[len(P) :], int(cp.M), str(om.vector), int(cp.first_m)
+        )
         if not cands:
             skipped["no control point reached by both sets"] += 1
             continue
@@ -306,6 +308,8 @@ def mine(
         "K": int(cfg.offline_mine.K),
         "M": int(cfg.control_points.M),
         "pos_source": str(cfg.offline_mine.pos_source),
+        "vector": str(cfg.offline_mine.vector),
+        "first_m": int(cfg.control_points.first_m),
         "split": split_record,
     }
     atomic_write_json(mine_dir / artifacts.SUMMARY, summary)

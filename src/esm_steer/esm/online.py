@@ -58,6 +58,9 @@ class _Probe:
     start: int  # response tokens before the probe (same for every row)
     length: int  # tokens each probe decodes at most (<= probe_tokens, <= T_max - start)
     stopped: set[int] = field(default_factory=set)  # rows done probing (length or delimiter), not finished
+    # online.inject=impulse: the row parked at the control point (rows are all forks of it), from
+    # which the segment is generated again with the winner's impulse
+    base: int | None = None
 
 
 @dataclass
@@ -102,6 +105,10 @@ class OnlinePolicy:
         self._vectors: dict[str, torch.Tensor] = {}
         # no_memory: the candidates never change (the L highest-Q tools, Â = Q)
         self._top_by_q = [(t.tool_id, float(t.Q)) for t in library.top_by_q(online_cfg.L)][: online_cfg.L]
+        self.impulse = online_cfg.inject == "impulse"
+        self.first_m = int(control_points_cfg.first_m)
+        if online_cfg.null_score == "anchors" and memory is not None and not memory.has_null_anchors:
+            raise ValueError("online.null_score=anchors needs a memory built with offline_memory.null_anchors=true")
         self._static = None
         if online_cfg.variant == "static":
             self._static, mean = static_vector(library, online_cfg.static_vector)
@@ -131,7 +138,10 @@ class OnlinePolicy:
         examples = [_Example(index=i, row=r) for i, r in enumerate(batch.active_rows())]
         assert len(examples) == len(prompts), "engine.start must create one row per prompt, in order"
 
-        self._open_control_points(batch, examples, T)  # m = 0: the end of the prompt
+        if self.first_m == 0:
+            self._open_control_points(batch, examples, T)  # m = 0: the end of the prompt
+        for ex in examples:
+            ex.due = False
         while True:
             live = [ex for ex in examples if ex.result is None]
             if not live:
@@ -140,6 +150,7 @@ class OnlinePolicy:
                 raise RuntimeError("online policy: examples left but no active rows")
             # probe rows that already stopped sit this step out (their siblings go on)
             paused = {r for ex in live if ex.probe is not None for r in ex.probe.stopped}
+            paused |= {ex.probe.base for ex in live if ex.probe is not None and ex.probe.base is not None}
             # a probe row decodes at most its probe length (one token per step on HF anyway)
             limits = {
                 r: ex.probe.start + ex.probe.length - len(batch.tokens(r))
@@ -173,7 +184,7 @@ class OnlinePolicy:
             return
         if batch.at_control_point(row):
             ex.m += 1
-            ex.due = ex.m < self.cp.M
+            ex.due = self.first_m <= ex.m < self.cp.M
 
     def _after_probe_step(self, batch, ex: _Example, T: int, drop: list[int]) -> None:
         p = ex.probe
@@ -221,7 +232,7 @@ class OnlinePolicy:
                 step["gate"] = ret.gate if ret.gate != GATE_OK else GATE_NO_TOOLS
                 batch.set_steer(ex.row, None)  # null for this segment
                 continue
-            candidates = candidates_of(tools)
+            candidates = candidates_of(tools, ret.null_A_hat if self.cfg.null_score == "anchors" else 0.0)
             if self.cfg.variant == "no_probing":
                 score(candidates, self.cfg.beta, self.cfg.rho)
                 self._choose(batch, ex, step, candidates, ex.row)
@@ -229,14 +240,27 @@ class OnlinePolicy:
             probing.append((ex, step, candidates, start))
 
         # probe: the original row is null, L forks (same KV cache, no re-encoding) carry k_scale·v_i
-        # one fork_many for all examples: on HF each fork re-selects the whole KV cache
-        forks = batch.fork_many({ex.row: len(c) - 1 for ex, _, c, _ in probing}) if probing else {}
+        # (online.probe_scale); impulse: every probe is a fork, the original row waits at the
+        # control point. One fork_many for all examples: on HF each fork re-selects the KV cache
+        extra = 1 if self.impulse else 0
+        forks = batch.fork_many({ex.row: len(c) - 1 + extra for ex, _, c, _ in probing}) if probing else {}
+        scale = self.cfg.k_scale if self.cfg.probe_scale is None else self.cfg.probe_scale
         for ex, step, candidates, start in probing:
-            rows = [ex.row] + list(forks[ex.row])
-            batch.set_steer(ex.row, None)
+            base = ex.row if self.impulse else None
+            rows = list(forks[ex.row]) if self.impulse else [ex.row] + list(forks[ex.row])
+            batch.set_steer(rows[0], None)
             for row, c in zip(rows[1:], candidates[1:]):
-                batch.set_steer(row, self._vector(c["tool"]), self.cfg.k_scale)
-            ex.probe = _Probe(step, candidates, rows, start, min(self.cfg.probe_tokens, T - start))
+                self._inject(batch, row, self._vector(c["tool"]), scale)
+            ex.probe = _Probe(step, candidates, rows, start, min(self.cfg.probe_tokens, T - start), base=base)
+
+    def _inject(self, batch, row: int, vector: torch.Tensor | None, scale: float) -> None:
+        """online.inject: segment steers every position the row decodes from now on; impulse
+        only the control point's position (its forward redone), nothing after it."""
+        if self.impulse:
+            batch.set_steer(row, None)
+            batch.set_impulse(row, vector, scale)
+        else:
+            batch.set_steer(row, vector, scale)
 
     def _steer_static(self, batch, ex: _Example, step: dict) -> None:
         """static: the same k_scale·v at every control point (no retrieval, no probe)."""
@@ -249,7 +273,7 @@ class OnlinePolicy:
         step["chosen"] = self._static
         step["scale"] = scale
         step["inject_norm"] = float((vec * scale).norm()) if scale != 0.0 else 0.0
-        batch.set_steer(ex.row, vec if scale != 0.0 else None, scale)
+        self._inject(batch, ex.row, vec if scale != 0.0 else None, scale)
 
     def _retrieve(self, batch, examples: list[_Example]) -> list[Retrieval]:
         if self.cfg.variant in ("no_memory", "static"):
@@ -257,8 +281,12 @@ class OnlinePolicy:
             return [Retrieval([], 0, gate, list(self._top_by_q)) for _ in examples]
         keys = torch.stack([batch.last_hidden(ex.row).float() for ex in examples]).numpy()
         # one search for every row at a control point; the memory normalises the queries when
-        # its keys are normalised (then sims are cosines)
-        sims, idx = self.memory.search(keys, int(self.cfg.k_retrieve))
+        # its keys are normalised (then sims are cosines); retrieve_same_m: entries of the row's m
+        k = int(self.cfg.k_retrieve)
+        if self.cfg.retrieve_same_m:
+            sims, idx = self.memory.search(keys, k, [ex.m for ex in examples])
+        else:
+            sims, idx = self.memory.search(keys, k)
         sims, idx = np.asarray(sims), np.asarray(idx)
         return [
             aggregate(sims[b], idx[b], self.memory.entries, self.cfg.min_sim, self.cfg.min_entries)
@@ -273,21 +301,24 @@ class OnlinePolicy:
         for c, row in zip(p.candidates, p.rows):
             c["probe_token_ids"] = list(batch.tokens(row)[p.start :])
             c["eos"] = batch.finish_reason(row) == FINISH_STOP  # the probe ended the response
-        winner = self._choose(batch, ex, p.step, p.candidates, None, rows=p.rows)
+        winner = self._choose(batch, ex, p.step, p.candidates, None, rows=p.rows, base=p.base)
 
         # keep the winner's row (its probe tokens start the segment); the others are probe cost
-        losers = [r for r in p.rows if r != winner]
+        losers = [r for r in p.rows + ([p.base] if p.base is not None else []) if r != winner]
         for r in losers:
             ex.probe_tokens_used += len(batch.tokens(r)) - p.start
             ex.probe_tokens_used += batch.finish_reason(r) == FINISH_STOP  # the EOS step was decoded too
         drop.extend(losers)  # before the next step
         ex.row = winner
+        if winner == p.base:  # the segment is generated again from the control point, with the impulse
+            return
         # the winner continues as an ordinary decoding row
         self._after_decode_step(batch, ex, T)
 
-    def _choose(self, batch, ex: _Example, step: dict, candidates: list[dict], row, rows=None) -> int:
+    def _choose(self, batch, ex: _Example, step: dict, candidates: list[dict], row, rows=None, base=None) -> int:
         """Pick the candidate (:func:`.policy.choose`), record it, and set the winning row's
-        steering k_scale·Score·v for the segment. Returns the row."""
+        steering k_scale·Score·v for the segment (impulse: at the control point). Returns the
+        row; with ``base`` (impulse probes) a winning tool's segment restarts from ``base``."""
         best, gate = choose(candidates, self.cfg.tau_null)
         if gate is not None:
             step["gate"] = gate
@@ -296,9 +327,13 @@ class OnlinePolicy:
         scale = 0.0 if chosen["tool"] is None else self.cfg.k_scale * chosen["score"]
         vec = self._vector(chosen["tool"]) if scale != 0.0 else None
         record_choice(step, candidates, chosen, scale, float((vec * scale).norm()) if vec is not None else 0.0)
+        if base is not None and chosen["tool"] is not None:
+            # the probes are thrown away (STIR): the segment is generated again from the control point
+            winner_row = base
         if batch.finish_reason(winner_row) is None:  # a probe may have ended the row (EOS / T_max)
             # scale 0 (null, or k_scale = 0): no vector at all, bit-identical to the unsteered model
-            batch.set_steer(winner_row, vec, scale)
+            if winner_row == base or rows is None or not self.impulse:
+                self._inject(batch, winner_row, vec, scale)
         return winner_row
 
     # ------------------------------------------------------------------ helpers

@@ -38,19 +38,20 @@ class OnlineResult:
     steps: list[dict] = field(default_factory=list)
 
 
-def candidates_of(tools: Sequence[tuple[str, float]]) -> list[dict]:
-    """[null, tool_1, ..., tool_L] from (tool_id, Â) pairs."""
-    return [{"tool": None, "A_hat": 0.0}] + [{"tool": t, "A_hat": float(a)} for t, a in tools]
+def candidates_of(tools: Sequence[tuple[str, float]], null_A_hat: float = 0.0) -> list[dict]:
+    """[null, tool_1, ..., tool_L] from (tool_id, Â) pairs; null's Â is 0 unless its anchors
+    gave one (``online.null_score=anchors``)."""
+    return [{"tool": None, "A_hat": float(null_A_hat)}] + [{"tool": t, "A_hat": float(a)} for t, a in tools]
 
 
 def score(candidates: list[dict], beta: float, rho: float, logprobs: Sequence[float] | None = None) -> None:
-    """Score_i = beta·Â_i + rho·(logprob_i − logprob_null), null 0; without `logprobs`
-    (no_probing) Score_i = beta·Â_i. Written into the candidates."""
+    """Score_i = beta·Â_i + rho·(logprob_i − logprob_null); null scores beta·Â_null (0 without
+    anchors). Without `logprobs` (no_probing) Score_i = beta·Â_i. Written into the candidates."""
     lp_null = logprobs[0] if logprobs is not None else 0.0
     for j, c in enumerate(candidates):
         c["logprob"] = logprobs[j] if logprobs is not None else None
         probe = rho * (logprobs[j] - lp_null) if logprobs is not None else 0.0
-        c["score"] = 0.0 if c["tool"] is None else beta * c["A_hat"] + probe
+        c["score"] = beta * c["A_hat"] + probe
 
 
 def choose(candidates: list[dict], tau_null: float) -> tuple[int, str | None]:

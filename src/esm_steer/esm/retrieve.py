@@ -5,6 +5,9 @@ entries, apply the ``min_entries`` gate, group the surviving entries by tool and
 
     Â_i = (sim-weighted mean of Q over tool i's retrieved entries) · (tool i's best sim).
 
+Null anchors (entries without a tool, ``offline_memory.null_anchors``) give null its own
+Â_null = max over the retrieved anchors of sim · Q (STIR), recorded for ``online.null_score``.
+
 Kept apart from :mod:`esm_steer.esm.online` so that the decode loop reads as a loop and the
 arithmetic can be checked on its own.
 """
@@ -32,6 +35,7 @@ class Retrieval:
     num_kept: int  # entries with sim >= min_sim
     gate: str  # GATE_OK or the gate that forced null
     tools: list[tuple[str, float]] = field(default_factory=list)  # (tool_id, Â), Â descending
+    null_A_hat: float = 0.0  # max sim·Q over the kept null anchors (0 without any)
 
 
 def a_hat(sims: Sequence[float], qs: Sequence[float]) -> float:
@@ -58,8 +62,8 @@ def aggregate(
 
     Tools are ordered by Â descending; ties keep the order of their best entry.
     """
-    retrieved: list[tuple[str, float]] = []
-    kept: list[tuple[str, float, float]] = []  # (tool_id, sim, Q)
+    retrieved: list[tuple[str | None, float]] = []
+    kept: list[tuple[str | None, float, float]] = []  # (tool_id, sim, Q); tool None: a null anchor
     for s, i in zip(np.asarray(sims).tolist(), np.asarray(idx).tolist()):
         if i < 0:
             continue
@@ -71,14 +75,18 @@ def aggregate(
     if len(kept) < min_entries:
         gate = GATE_MIN_SIM if len(retrieved) >= min_entries else GATE_MIN_ENTRIES
         return Retrieval(retrieved, len(kept), gate)
-    if not kept:
-        return Retrieval(retrieved, 0, GATE_NO_TOOLS)
+    anchors = [s * q for tool_id, s, q in kept if tool_id is None]
+    null_a = max(anchors) if anchors else 0.0
+    if not any(tool_id is not None for tool_id, _, _ in kept):
+        return Retrieval(retrieved, len(kept), GATE_NO_TOOLS, null_A_hat=null_a)
 
     by_tool: dict[str, tuple[list[float], list[float]]] = {}
     for tool_id, s, q in kept:  # dict keeps first-seen (= best-sim) order
+        if tool_id is None:
+            continue
         by_tool.setdefault(tool_id, ([], []))
         by_tool[tool_id][0].append(s)
         by_tool[tool_id][1].append(q)
     tools = [(t, a_hat(ss, qs)) for t, (ss, qs) in by_tool.items()]
     tools.sort(key=lambda ta: -ta[1])  # stable: ties keep best-sim order
-    return Retrieval(retrieved, len(kept), GATE_OK, tools)
+    return Retrieval(retrieved, len(kept), GATE_OK, tools, null_a)

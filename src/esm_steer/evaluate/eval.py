@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from esm_steer import runtime
 from esm_steer.engine import require_steering
 from esm_steer.esm import artifacts
+from esm_steer.esm.memory import check_online
 from esm_steer.evaluate import records as R
 from esm_steer.evaluate import report
 from esm_steer.evaluate.best_of import apply_best_of
@@ -62,6 +63,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     if any(m in R.ONLINE_METHODS for m in methods):
         artifact_dir = resolve_artifact_dir(cfg, run)
         log.info("offline artifacts (library/, memory/) read from %s", artifact_dir)
+        check_online(cfg.online, artifact_dir)
 
     examples = runtime.load_examples(cfg, runtime.eval_split(cfg))
     check_no_overlap(artifact_dir, examples)  # never score questions the artifacts were mined on

@@ -49,6 +49,7 @@ class HFDecodeBatch(RowAccess):
                     prompt_len=len(p),
                     generator=self._new_generator(s),
                     tracker=SegmentTracker(segment_delimiter) if segment_delimiter else None,
+                    last_prompt_token=int(p[-1]),
                 )
             )
         with torch.inference_mode():
@@ -92,9 +93,10 @@ class HFDecodeBatch(RowAccess):
 
     # ------------------------------------------------------------------ forward passes
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
-        """Run the rows' new tokens through the model; update logits and captured hidden."""
-        ctx = _HookContext(self._steer_matrix())
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, steer: torch.Tensor | None = None) -> None:
+        """Run the rows' new tokens through the model; update logits and captured hidden.
+        ``steer``: [B, hidden] for this forward instead of the rows' own steering."""
+        ctx = _HookContext(self._steer_matrix() if steer is None else steer)
         self.engine._hook_ctx = ctx
         try:
             out = self.engine.model(
@@ -180,17 +182,48 @@ class HFDecodeBatch(RowAccess):
         """Raw (steered) float32 logits the row's next token will be drawn from ([vocab], on device)."""
         return self._logits[self._live_index(row)]
 
+    def _scaled(self, vector: torch.Tensor, scale: float) -> torch.Tensor:
+        vector = torch.as_tensor(vector).detach().reshape(-1).float() * float(scale)
+        if vector.numel() != self.engine.hidden_size:
+            raise ValueError(f"steering vector has {vector.numel()} values, hidden size is {self.engine.hidden_size}")
+        return vector.to(device=self.device, dtype=self.engine.dtype)
+
     def set_steer(self, row: int, vector: torch.Tensor | None, scale: float = 1.0) -> None:
         self._live_index(row)
-        if vector is not None:
-            vector = torch.as_tensor(vector).detach().reshape(-1).float() * float(scale)
-            if vector.numel() != self.engine.hidden_size:
-                raise ValueError(
-                    f"steering vector has {vector.numel()} values, hidden size is {self.engine.hidden_size}"
-                )
-            vector = vector.to(device=self.device, dtype=self.engine.dtype)
-        self._rows[row].steer = vector
+        self._rows[row].steer = None if vector is None else self._scaled(vector, scale)
         self._steer_dirty = True
+
+    def set_impulse(self, row: int, vector: torch.Tensor | None, scale: float = 1.0) -> None:
+        """scale·vector at the row's last token only: the next step first redoes that token's
+        forward with it (its KV and the row's next-token logits change), then samples."""
+        self._live_index(row)
+        self._rows[row].impulse = None if vector is None else self._scaled(vector, scale)
+
+    def _redo_impulses(self, stepping: list[int]) -> None:
+        """Forward again the last token of every stepping row with a pending impulse, the
+        impulse added at layer ℓ. The token's old cache column is masked out for that row and a
+        new column, at the same position, takes its place (other rows get a masked pad)."""
+        hits = [i for i in stepping if self._rows[self._order[i]].impulse is not None]
+        if not hits:
+            return
+        B = len(self._order)
+        ids = torch.full((B,), self.engine.pad_id, dtype=torch.long)
+        steer = torch.zeros(B, self.engine.hidden_size, dtype=self.engine.dtype, device=self.device)
+        col = torch.zeros(B, dtype=torch.long)
+        for i in hits:
+            state = self._rows[self._order[i]]
+            ids[i] = state.tokens[-1] if state.tokens else state.last_prompt_token
+            steer[i] = state.impulse if state.last_steer is None else state.impulse + state.last_steer
+            col[i] = 1
+            state.impulse = None
+            last = int(self._mask[i].nonzero().max())
+            self._mask[i, last] = 0
+        col = col.to(self.device)
+        self._mask = torch.cat([self._mask, col[:, None]], dim=1)
+        self._forward(ids.to(self.device)[:, None], (self._pos - 1).clamp(min=0)[:, None], steer=steer)
+        keep = col.bool()[:, None]
+        self._logits = torch.where(keep, self._new_logits, self._logits)
+        self._hidden = torch.where(keep, self._new_hidden, self._hidden)
 
     def fork(self, row: int, n: int, seeds: Sequence[int] | None = None) -> list[int]:
         """n exact copies of `row`. With `seeds`, copy k draws from a fresh generator seeded
@@ -263,6 +296,7 @@ class HFDecodeBatch(RowAccess):
             stepping = sorted(self._live_index(r) for r in rows)
             if not stepping:
                 return {}
+        self._redo_impulses(stepping)
         all_rows = len(stepping) == len(self._order)
         sel = None if all_rows else torch.tensor(stepping, dtype=torch.long, device=self.device)
         logits = self._logits if all_rows else self._logits.index_select(0, sel)
@@ -307,6 +341,8 @@ class HFDecodeBatch(RowAccess):
         )
         col = torch.tensor(stepped, dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, col[:, None]], dim=1)
+        for h in out:
+            self._rows[h].last_steer = self._rows[h].steer
         self._forward(ids[:, None], self._pos[:, None])
         self._pos = self._pos + col
         if all(stepped):

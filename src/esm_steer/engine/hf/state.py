@@ -17,6 +17,10 @@ class _Row(RowState):
     generator: torch.Generator | None = None
     steer: torch.Tensor | None = None  # [hidden], model dtype and device
     final_hidden: torch.Tensor | None = None  # last_hidden kept when the row leaves the tensors
+    # set_impulse: added at the last token's position only, whose forward the next step redoes
+    impulse: torch.Tensor | None = None
+    last_steer: torch.Tensor | None = None  # the steering the row's last token was forwarded with
+    last_prompt_token: int = 0  # the token an impulse at the end of the prompt re-forwards
 
     def clone(self, generator: torch.Generator) -> _Row:
         return _Row(
@@ -25,6 +29,9 @@ class _Row(RowState):
             tokens=list(self.tokens),
             logprobs=list(self.logprobs),
             steer=self.steer,  # never modified in place
+            impulse=self.impulse,
+            last_steer=self.last_steer,
+            last_prompt_token=self.last_prompt_token,
             tracker=self.tracker.copy() if self.tracker is not None else None,
             text=self.text,
             at_control_point=self.at_control_point,
