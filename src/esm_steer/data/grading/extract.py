@@ -112,12 +112,27 @@ def _yes_no(text: str) -> str | None:
     return _YESNO[found[-1].lower()] if found else None
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def strip_thinking(response: str) -> str:
+    """The response after its reasoning: the text after the last ``</think>``; an unclosed
+    ``<think>`` (thinking cut off by the budget) keeps only what came before it. R1-style
+    models write their scratch work there, and its numbers are not the final answer."""
+    if THINK_CLOSE in response:
+        return response.rsplit(THINK_CLOSE, 1)[1]
+    if THINK_OPEN in response:
+        return response.split(THINK_OPEN, 1)[0]
+    return response
+
+
 def extract_answer(response: str, kind: str = "math") -> str | None:
     """The final answer in a response, or None.
 
     Order: last ``\\boxed{}`` (or ``\\fbox{}``), last "Answer:" line, last "the answer is X",
     last number. ``choice`` returns a letter A-E, ``yesno`` "yes"/"no", ``math_dapo`` the raw
-    "Answer:" match in the last 300 characters (as verl does).
+    "Answer:" match in the last 300 characters (as verl does). Except for ``math_dapo`` (verl
+    reads the raw tail), ``<think>...</think>`` content is not searched (:func:`strip_thinking`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}; known: {', '.join(KINDS)}")
@@ -126,6 +141,9 @@ def extract_answer(response: str, kind: str = "math") -> str | None:
     if kind == "math_dapo":
         found = re.findall(DAPO_ANSWER_PATTERN, response[-DAPO_TAIL_CHARS:])
         return found[-1] if found else None
+    response = strip_thinking(response)
+    if not response.strip():
+        return None
     if kind == "choice":
         return _choice_letter(response)
     if kind == "yesno":
