@@ -224,7 +224,8 @@ def test_prepare_job_claims_gpu_and_records_it(tmp_path, multirun_job):
     assert launch.prepare_job(cfg) == "5"  # the next job of this worker keeps it
 
 
-def test_prepare_job_cpu_one_thread_per_job(tmp_path, multirun_job):
+def test_prepare_job_cpu_one_thread_per_job(tmp_path, multirun_job, monkeypatch):
+    monkeypatch.setattr(launch, "cores", lambda: 2)  # 2 jobs on 2 cores: one thread each
     cfg = multirun_job(['launch.gpus=""', "launch.cpu_jobs=2"])
     assert launch.prepare_job(cfg) is None
     assert os.environ["OMP_NUM_THREADS"] == "1" and cfg.model.num_threads == 1

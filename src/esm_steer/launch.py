@@ -10,8 +10,11 @@ worker's GPU becomes free at once. ``CUDA_VISIBLE_DEVICES`` is set before torch 
 CUDA, ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` so that vLLM inside a worker does not fork it.
 
 With ``launch.gpus=""`` (CPU) nothing is claimed; when several CPU jobs run at once
-(``launch.cpu_jobs > 1``) each gets one torch thread (two threads collapse when the other core
-is busy). Every multirun job logs what it got and writes it to ``<job dir>/gpu.txt``.
+(``launch.cpu_jobs > 1``) each gets its share of the cores, ``cores // cpu_jobs`` torch/OpenMP
+threads (at least one), so that the jobs together never run more threads than there are cores.
+OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, set in ``esm_steer/__init__.py``
+before torch loads): a spinning wait collapses when another process holds a core. Every
+multirun job logs what it got and writes it to ``<job dir>/gpu.txt``.
 """
 
 from __future__ import annotations
@@ -165,19 +168,30 @@ def use_gpu(gpu: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
-def one_thread_per_job(cfg: DictConfig | None = None) -> None:
-    """Several CPU jobs at once: one torch/OpenMP thread each."""
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def share_cores(cpu_jobs: int, cfg: DictConfig | None = None) -> int:
+    """Several CPU jobs at once: give this one ``cores() // cpu_jobs`` threads (at least one) for
+    torch, OpenMP and the BLAS libraries, and ``model.num_threads`` when it is unset; returns it."""
+    n = max(1, cores() // max(1, int(cpu_jobs)))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ[var] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by a libgomp not loaded yet
     torch = sys.modules.get("torch")  # not imported here otherwise: OMP_NUM_THREADS does it
     if torch is not None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(n)
     if cfg is not None and OmegaConf.select(cfg, "model.num_threads") is None:
         try:
-            cfg.model.num_threads = 1
+            cfg.model.num_threads = n
         except Exception:  # noqa: BLE001 - a read-only config: the env vars still apply
             pass
+    return n
 
 
 def prepare_job(cfg: DictConfig) -> str | None:
@@ -219,9 +233,15 @@ def prepare_job(cfg: DictConfig) -> str | None:
         log.info("%s: GPU %s (%s, worker pid %d)", job, gpu, "kept" if had else "claimed", os.getpid())
     else:
         cpu_jobs = int(OmegaConf.select(cfg, "launch.cpu_jobs", default=1) or 1)
-        if cpu_jobs > 1:
-            one_thread_per_job(cfg)
+        threads = share_cores(cpu_jobs, cfg) if cpu_jobs > 1 else None  # one job at a time: torch's default
         what = "cpu"
-        log.info("%s: CPU (launch.gpus empty, %d job(s) at once, pid %d)", job, cpu_jobs, os.getpid())
+        log.info(
+            "%s: CPU (launch.gpus empty, %d job(s) at once on %d cores, %s thread(s) each, pid %d)",
+            job,
+            cpu_jobs,
+            cores(),
+            threads or "default",
+            os.getpid(),
+        )
     atomic_write_text(job_dir / GPU_FILE, what + "\n")
     return gpu
