@@ -216,6 +216,50 @@ def test_cli_eval_on_compiled_vllm_refuses_in_one_line(tmp_path):
     assert len(lines) == 1 and "needs steered step-level decoding" in lines[0] and "model.backend=vllm" in lines[0]
 
 
+def test_engine_start_refuses_what_the_hook_does_not_support():
+    from esm_steer.engine.vllm_contract import check_before_start
+
+    check_before_start("0.32.0", {}, eager=True, tensor_parallel_size=1)
+    check_before_start("0.33.0", {}, eager=False, tensor_parallel_size=2)  # no hook on a compiled engine
+    with pytest.raises(RuntimeError, match="vLLM 0.34.0 is outside .* install 'vllm>=0.32,<0.34'"):
+        check_before_start("0.34.0", {}, eager=False, tensor_parallel_size=1)
+    with pytest.raises(RuntimeError, match="tensor_parallel_size=2 .* use model.tensor_parallel_size=1"):
+        check_before_start("0.32.0", {}, eager=True, tensor_parallel_size=2)
+    with pytest.raises(RuntimeError, match="selects Model Runner V2"):
+        check_before_start("0.33.0", {"VLLM_USE_V2_MODEL_RUNNER": "1"}, eager=True, tensor_parallel_size=1)
+
+
+def _runner_info(**info):
+    return [{"runner": "x.CPUModelRunner", "problem": None, "hashing_patched": True, "pid": 1, **info}]
+
+
+def test_engine_start_refuses_a_worker_runner_or_process_without_the_patch():
+    from esm_steer.engine.vllm_contract import check_workers
+
+    check_workers(_runner_info(), "0.32.0", eager=True)
+    check_workers(_runner_info(hashing_patched=False), "0.32.0", eager=False)  # compiled: nothing steered
+    with pytest.raises(RuntimeError, match="engine process 7 does not hash .* add esm_steer to it"):
+        check_workers(_runner_info(hashing_patched=False, pid=7), "0.32.0", eager=True)
+    with pytest.raises(RuntimeError, match="^runs V2$"):
+        check_workers(_runner_info(problem="runs V2"), "0.33.0", eager=False)
+
+
+def test_hf_copy_lowers_the_gpu_reservation_by_its_size(tmp_path, tiny_model):
+    from esm_steer.engine.hf.engine import _TOKENS_PER_FORWARD
+    from esm_steer.engine.vllm_memory import hf_copy_bytes, lowered_fraction
+
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    params = sum(t.numel() for t in tiny_model.parameters())  # tied embeddings: stored once
+    c = tiny_model.config
+    act = _TOKENS_PER_FORWARD * (4 * c.hidden_size + 3 * c.intermediate_size)
+    assert hf_copy_bytes(str(tmp_path / "tiny"), c, "bfloat16") == 2 * (params + act)
+    assert hf_copy_bytes(str(tmp_path / "tiny"), c, "float32") == 4 * (params + act)
+    gib = 2**30
+    assert lowered_fraction(0.85, 8 * gib, 80 * gib) == 0.75  # a 4B model at bf16 on an 80 GB card
+    with pytest.raises(RuntimeError, match="set model.enforce_eager=true"):
+        lowered_fraction(0.85, 20 * gib, 24 * gib)
+
+
 # ---------------------------------------------------------------- real vLLM (optional)
 
 

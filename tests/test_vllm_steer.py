@@ -4,12 +4,13 @@ decode on the real embedded model where vLLM is installed (``make test-vllm``)."
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from esm_steer.engine import vllm_steer
+from esm_steer.engine import vllm_contract, vllm_steer
 from esm_steer.engine.base import SamplingSpec
 from test_vllm_backend import need_vllm
 
@@ -87,6 +88,48 @@ def test_hook_captures_the_pre_steering_stream_at_the_asked_positions():
         vllm_steer.captured_span(joined, "tc", 0, 0)
 
 
+def test_hook_meeting_a_runner_without_an_attribute_it_reads_stops_in_one_line():
+    """Model Runner V2 (vLLM 0.32/0.33 on CUDA, 0.34) keeps no per-step batch on the runner: the
+    first call must say so, not steer nothing or fail deep in a forward."""
+    for attr in ("positions", "query_start_loc", "input_batch", "requests"):
+        runner = _runner({"a": [(0, 9, [1.0] * 4, 1.0)]}, ["a"], [2], [0, 1])
+        delattr(runner, attr)
+        with pytest.raises(RuntimeError, match=rf"has no {attr}\b.*VLLM_USE_V2_MODEL_RUNNER=0") as e:
+            vllm_steer._SteerHook(runner)(None, (), (torch.zeros(2, 4), torch.zeros(2, 4)))
+        assert "\n" not in str(e.value)
+    runner = _runner({"a": [(0, 9, [1.0] * 4, 1.0)]}, ["a"], [2], [0, 1])
+    del runner.requests["a"].sampling_params
+    with pytest.raises(RuntimeError, match="request state .* has no sampling_params"):
+        vllm_steer._SteerHook(runner)(None, (), (torch.zeros(2, 4), torch.zeros(2, 4)))
+
+
+def test_runner_and_version_checks_name_what_to_do():
+    class GPUModelRunner:  # V2's class name, in another module
+        pass
+
+    msg = vllm_contract.runner_problem(GPUModelRunner(), "0.33.0")
+    assert "vLLM 0.33.0 runs" in msg and "not the V1 model runner" in msg and vllm_contract.FIX in msg
+    assert vllm_contract.version_problem("0.34.0") == (
+        "vLLM 0.34.0 is outside the range esm-steer's steering hook supports: install 'vllm>=0.32,<0.34'"
+    )
+    assert vllm_contract.version_problem("0.31.9") is not None
+    assert all(vllm_contract.version_problem(v) is None for v in ("0.32.0", "0.33.1.dev4+g1234", "0.32.0+cpu"))
+    assert "selects Model Runner V2" in vllm_contract.env_problem({"VLLM_USE_V2_MODEL_RUNNER": "1"})
+    assert (
+        vllm_contract.env_problem({"VLLM_USE_V2_MODEL_RUNNER": "0"}) is None and vllm_contract.env_problem({}) is None
+    )
+
+
+def test_captured_states_cross_processes_as_bytes_with_dtype_and_shape():
+    for t in (torch.randn(3, 5), torch.arange(7), torch.randn(2, 4).bfloat16(), torch.zeros(0, 6)):
+        w = vllm_steer.to_wire(t)
+        assert isinstance(w[2], bytes) and w[0] == str(t.dtype).removeprefix("torch.")
+        back = vllm_steer.from_wire(w)
+        assert back.dtype == t.dtype and torch.equal(back, t)
+    with pytest.raises(TypeError, match="arrived as list, not bytes"):
+        vllm_steer.from_wire(["float32", [2], [1.0, 2.0]])  # what msgpack makes of a raw tensor
+
+
 def test_block_keys_separate_steering_and_share_equal_prefixes():
     def keys(ranges, start, end):
         return vllm_steer.block_keys(vllm_steer.steer_args(ranges, 2), start, end)
@@ -157,6 +200,18 @@ def test_vllm_steered_equals_hf_steered_decode_with_and_without_prefix_cache(eng
     v.llm.reset_prefix_cache()
     miss = vllm_steer.steered_generate(v, prompts, ranges, spec)  # recomputed from the ranges
     assert [s[0].token_ids for s in hit] == ref and [s[0].token_ids for s in miss] == ref
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_vllm_engine_process_hashes_blocks_with_the_steering_keys(engines):
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=1 the worker (and the scheduler) run in EngineCore's
+    process, which only the vllm.general_plugins entry point reaches."""
+    _, v = engines
+    (info,) = v.llm.collective_rpc("esm_runner_info")
+    separate = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
+    assert (info["pid"] != os.getpid()) == separate
+    assert info["hashing_patched"] and info["problem"] is None and "CPUModelRunner" in info["runner"]
 
 
 @pytest.mark.vllm

@@ -19,14 +19,17 @@ the HF backend:
   ``scripts/bench_engine.py``. Memory split on a GPU with ``hf``: vLLM takes
   ``model.gpu_memory_utilization`` of the card (weights + KV cache) at start; the HF copy needs
   its weights plus one chunk of activations (``hf.engine._TOKENS_PER_FORWARD`` tokens up to
-  layer ℓ), so lower that fraction to leave them free. On CPU, vLLM's KV cache is
-  ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 2 here), and the in-process engine drops torch to one
-  thread, which the HF pass then shares.
+  layer ℓ), so the engine lowers that fraction by their share of the card at start, and logs it.
+  On CPU, vLLM's KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 2 here), and the
+  in-process engine drops torch to one thread, which the HF pass then shares.
 - Randomness: vLLM is seeded once, on the engine (a per-request ``SamplingParams(seed=)``
   with chunked prefill kills the CPU engine). Samples are reproducible for the same call
   sequence, but a prompt's samples depend on the other requests in the run, and
   ``prompt_seeds`` / ``spec.seed`` are not honoured per request.
 - A GGUF model is served from its cached safetensors conversion (no GGUF loader here).
+- Versions and runners: ``vllm>=0.32,<0.34`` with the V1 model runner, checked at start
+  (:mod:`.vllm_contract`); one engine worker when steerable (TP > 1 is refused in eager mode until
+  tested); async scheduling off when steerable.
 - n samples per prompt are one request (``SamplingParams(n)``) with prefix caching, so the
   prompt is prefilled once.
 """
@@ -43,7 +46,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from esm_steer.config import ModelConfig
-from esm_steer.engine import vllm_steer
+from esm_steer.engine import vllm_contract, vllm_memory, vllm_steer
 from esm_steer.engine.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -67,6 +70,9 @@ log = logging.getLogger(__name__)
 def _set_vllm_env(cache_dir: str | None) -> None:
     """Environment vLLM reads at import time: set before the first ``import vllm``."""
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(cache_dir or default_cache_dir()) / "vllm"))
+    # the V1 model runner, which the steering hook reads: 0.32/0.33 give a dense model on CUDA
+    # Model Runner V2 otherwise (vllm_contract); a user's explicit 1 is refused at start
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if not torch.cuda.is_available():
         # in-process engine on CPU: faster than the multiprocess default (250 vs 160 tok/s)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -110,9 +116,13 @@ class VLLMEngine(ChatEncoding):
         """Start vLLM for a ``ModelConfig``; `llm_kwargs` go to ``vllm.LLM`` (e.g. block_size)."""
         _set_vllm_env(getattr(model_cfg, "cache_dir", None))
         try:
+            import vllm
             from vllm import LLM
         except ImportError as e:
             raise ImportError(VLLM_MISSING) from e
+        eager = bool(model_cfg.enforce_eager)
+        vllm_contract.check_before_start(str(vllm.__version__), os.environ, eager, int(model_cfg.tensor_parallel_size))
+        vllm_steer.patch_block_hashing()  # this process; vLLM's others load vllm_plugin
 
         path, model_id = model_path(model_cfg)  # GGUF -> converted safetensors folder
         trust = bool(getattr(model_cfg, "trust_remote_code", False))
@@ -128,6 +138,12 @@ class VLLMEngine(ChatEncoding):
             dtype=dtype.name,
             backend="vllm",
         )
+        memory = vllm_memory.gpu_memory_fraction(model_cfg, path, hf_cfg, info.dtype)
+        if eager:
+            # the hook maps tokens to requests through the runner's current step; async scheduling
+            # (on by default on GPU) overlaps steps, which is not tested: off for steerable engines
+            llm_kwargs.setdefault("async_scheduling", False)
+            log.info("vLLM: async scheduling off (model.enforce_eager=true: per-request steering)")
         log.info("starting vLLM on %s (%s)", model_id, dtype.name)
         llm = LLM(
             model=path,
@@ -135,7 +151,7 @@ class VLLMEngine(ChatEncoding):
             seed=int(seed),
             dtype=dtype.name,
             enable_prefix_caching=True,
-            gpu_memory_utilization=float(model_cfg.gpu_memory_utilization),
+            gpu_memory_utilization=memory,
             max_model_len=int(model_cfg.max_model_len),
             max_num_seqs=int(model_cfg.max_num_seqs),
             tensor_parallel_size=int(model_cfg.tensor_parallel_size),
@@ -144,10 +160,15 @@ class VLLMEngine(ChatEncoding):
             worker_extension_cls=STEER_EXTENSION,  # only adds methods; vllm_steer.install hooks layer ℓ
             **llm_kwargs,
         )
+        vllm_contract.check_workers(llm.collective_rpc("esm_runner_info"), str(vllm.__version__), eager)
         tokenizer = load_tokenizer(path)
         return cls(llm, tokenizer, info, seed=seed, eos_token_ids=_eos_ids(path, tokenizer), model_cfg=model_cfg)
 
     def close(self) -> None:
+        # stop EngineCore now (multiprocess mode): garbage collection would leave it to exit
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
         self.llm = None
         if self._hf is not None:
             self._hf.close()

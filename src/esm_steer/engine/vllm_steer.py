@@ -34,16 +34,28 @@ also covers every earlier block's steering). Requests that share tokens and the 
 those tokens share KV: the L probes and null of a control point reuse the example's prefix
 (the KV fork), and a request continuing a row states which vector steered each past segment, so
 a prefix-cache miss recomputes the same KV. Unsteered blocks hash as in plain vLLM. The hashing
-runs in the scheduler, which is in the worker's process with vLLM's in-process and one-process
-executors (CPU, one GPU); ``install`` patches both sides.
+runs in the scheduler, in the EngineCore process when vLLM runs one (``VLLM_ENABLE_V1_MULTIPROCESSING=1``,
+the GPU default): the patch is installed there, and in every worker, by esm-steer's
+``vllm.general_plugins`` entry point (:mod:`.vllm_plugin`), which each vLLM process loads at start;
+the engine checks at start that the process running its worker has it.
+
+Process boundaries. ``collective_rpc`` results cross them by msgpack in multiprocess mode, which
+turns a tensor into an untyped list: captured states leave the worker as bytes with their dtype
+and shape (:func:`to_wire`), the same in process and out.
+
+What the hook reads from vLLM is named in :mod:`.vllm_contract`; on its first call the hook checks
+that the runner has all of it and stops in one line if not (Model Runner V2, vLLM 0.34).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 
 import torch
+
+from esm_steer.engine import vllm_contract
 
 STEER_KEY = "esm_steer"  # extra_args: the request's ranges [[first, last, vector, scale], ...]
 KEYS_KEY = "esm_steer_keys"  # extra_args: one hash per range (vector and scale), for block hashing
@@ -72,6 +84,7 @@ class _SteerHook:
 
     def __init__(self, runner):
         self.runner = runner
+        self._checked = False  # the runner's attributes, on the first call (vllm_contract)
         self.captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # tag -> (positions, states)
         self._parsed: dict[str, tuple[int, list[tuple[int, int, torch.Tensor]]]] = {}
 
@@ -89,9 +102,19 @@ class _SteerHook:
             self._parsed[req_id] = cached
         return cached[1]
 
+    def _check(self, runner, req_ids) -> None:
+        problem = vllm_contract.runner_problem(runner, _vllm_version(), v1_only=False)
+        if problem is None and req_ids:
+            problem = vllm_contract.request_problem(runner.requests[req_ids[0]], _vllm_version())
+        if problem is not None:
+            raise RuntimeError(problem)
+        self._checked = bool(req_ids)  # a request's state is checked once one is running
+
     def __call__(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         runner = self.runner
+        if not self._checked:
+            self._check(runner, list(getattr(getattr(runner, "input_batch", None), "req_ids", None) or []))
         req_ids = list(runner.input_batch.req_ids)
         if len(self._parsed) > 2 * len(runner.requests) + 64:  # forget finished requests
             self._parsed = {k: v for k, v in self._parsed.items() if k in runner.requests}
@@ -105,8 +128,7 @@ class _SteerHook:
         positions = None
         for r, rid in enumerate(req_ids):
             lo, hi = qsl[r], qsl[r + 1]
-            state = runner.requests.get(rid)
-            extra = _extra_args(getattr(state, "sampling_params", None))
+            extra = _extra_args(runner.requests[rid].sampling_params)
             ranges = self._ranges(rid, extra, hidden)
             capture = extra.get(CAPTURE_KEY)
             if (not ranges and not capture) or hi <= lo:
@@ -136,6 +158,29 @@ class _SteerHook:
         return {tag: (torch.cat([p for p, _ in parts]), torch.cat([h for _, h in parts])) for tag, parts in out.items()}
 
 
+def _vllm_version() -> str:
+    try:
+        import vllm  # the hook runs inside vLLM; the stand-in tests run without it
+
+        return str(vllm.__version__)
+    except ImportError:
+        return "(not installed)"
+
+
+def to_wire(t: torch.Tensor) -> list:
+    """A CPU tensor as [dtype name, shape, bytes]: what survives msgpack across vLLM's processes."""
+    t = t.detach().cpu().contiguous()
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()]
+
+
+def from_wire(w) -> torch.Tensor:
+    dtype, shape, data = w
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a captured state arrived as {type(data).__name__}, not bytes")
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).reshape([int(d) for d in shape])
+
+
 def block_keys(extra: dict, start: int, end: int) -> list[tuple]:
     """Block-hash extra keys of token positions [start, end): each range overlapping the block,
     clipped to it, with its key (empty for an unsteered block)."""
@@ -148,6 +193,13 @@ def block_keys(extra: dict, start: int, end: int) -> list[tuple]:
         if lo <= hi:
             out.append((STEER_KEY, lo, hi, key))
     return out
+
+
+def hashing_patched() -> bool:
+    """Whether this process's vLLM block hashing carries the steering keys."""
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    return bool(getattr(getattr(kcu, vllm_contract.HASH_FN, None), "_esm_steer", False))
 
 
 def patch_block_hashing() -> None:
@@ -168,15 +220,30 @@ def patch_block_hashing() -> None:
         return keys + block_keys(extra, start_token_idx, end_token_idx)
 
     with_steering._esm_steer = True
+    with_steering.__wrapped__ = orig  # inspect.unwrap: the contract tests read vLLM's signature
     kcu._gen_prompt_embeds_extra_hash_keys = with_steering
 
 
 class SteerWorkerExtension:
     """Mixed into vLLM's worker class (``LLM(worker_extension_cls=EXTENSION)``)."""
 
+    def esm_runner_info(self) -> dict:
+        """What the engine checks at start: this worker's runner, and whether this process (with
+        one worker per engine, the EngineCore's) hashes blocks with the steering keys."""
+        runner = self.model_runner
+        return {
+            "runner": vllm_contract.class_path(runner),
+            "problem": vllm_contract.runner_problem(runner, _vllm_version()),
+            "hashing_patched": hashing_patched(),
+            "pid": os.getpid(),
+        }
+
     def esm_install_steer(self, layer: int) -> int:
         """Install (once) the steering hook on decoder layer `layer`; returns the layer count."""
         runner = self.model_runner
+        problem = vllm_contract.runner_problem(runner, _vllm_version())
+        if problem is not None:
+            raise RuntimeError(problem)
         if not runner.model_config.enforce_eager:
             raise RuntimeError("per-request steering needs model.enforce_eager=true (compiled vLLM ignores hooks)")
         patch_block_hashing()
@@ -188,9 +255,10 @@ class SteerWorkerExtension:
         self._esm_steer_handle = layers[int(layer)].register_forward_hook(self._esm_steer_hook)
         return len(layers)
 
-    def esm_pop_captured(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The states captured since the last call ({tag: (positions, states)}), forgotten here."""
-        return self._esm_steer_hook.pop()
+    def esm_pop_captured(self) -> dict[str, list]:
+        """The states captured since the last call ({tag: [positions, states]} in :func:`to_wire`
+        form), forgotten here."""
+        return {tag: [to_wire(p), to_wire(h)] for tag, (p, h) in self._esm_steer_hook.pop().items()}
 
 
 def install(engine) -> None:
@@ -204,7 +272,7 @@ def pop_captured(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Captured states of every worker, merged (each request runs on all ranks under TP)."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for part in engine.llm.collective_rpc("esm_pop_captured"):
-        out.update(part)
+        out.update({tag: (from_wire(p), from_wire(h)) for tag, (p, h) in part.items()})
     return out
 
 
