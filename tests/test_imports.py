@@ -27,6 +27,7 @@ LAZY_OK = {
     "math_verify",
     "sympy",
     "latex2sympy2_extended",
+    "mlflow",  # optional extra (pip install .[tracking]), seconds to import; only with logger=mlflow
 }
 
 

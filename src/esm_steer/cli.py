@@ -19,8 +19,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from esm_steer import tracking
 from esm_steer.config import ConfigError, ESMConfig, register_configs, validate
 from esm_steer.data.tasks import DataError
+from esm_steer.evaluate.ranking import run_objective
 from esm_steer.launch import prepare_job  # registers esm_n_jobs; claims a GPU per worker
 from esm_steer.pipelines import stage_function
 from esm_steer.runs import LATEST, RunError, current_output_dir, read_latest, start_run  # registers resolvers
@@ -44,24 +46,33 @@ def _check_latest_dir() -> None:
     read_latest(out.parent.parent, out.parent.name)  # raises RunError with the message
 
 
-def run_stage(entry: str, cfg: DictConfig) -> None:
+def run_stage(entry: str, cfg: DictConfig) -> float | None:
+    """Run one stage; returns esm-eval's objective (eval.objective of the esm row, for a sweeper
+    such as hparams_search=esm_optuna), else None."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    stage = entry if entry != "token2048" else f"token2048_{cfg.stage.name}"
+    tracked = tracking.NOT_TRACKED
     try:
         prepare_job(cfg)  # multirun: this worker's GPU (or one CPU thread), before any torch/CUDA
         _check_latest_dir()
+        tracked = tracking.start_stage(cfg, stage)  # logger=mlflow; never raises
         validate(cfg)
         fn = stage_function(entry, cfg.stage.name)
-        run = start_run(cfg, stage=f"{entry}" if entry != "token2048" else f"token2048_{cfg.stage.name}")
+        run = start_run(cfg, stage=stage)
         fn(cfg, run)
+        objective = run_objective(run.dir, cfg) if entry == "eval" else None
+        tracked.finish(run.dir, objective=objective)
+        return objective
     except Exception as e:  # noqa: BLE001 - one line for the user, the rest in the log
         expected = isinstance(e, EXPECTED_ERRORS)
         msg = f"esm-{entry}: {e}" if expected else f"esm-{entry}: {type(e).__name__}: {e}"
+        tracked.finish(current_output_dir(), error=msg)
         if multirun:
             out = current_output_dir()
             out.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text(msg + "\n\n" + traceback.format_exc())
             log.error("job failed (sweep goes on): %s", msg)
-            return
+            return None
         if expected:
             log.debug("%s", traceback.format_exc())
             print(msg, file=sys.stderr)
@@ -69,7 +80,7 @@ def run_stage(entry: str, cfg: DictConfig) -> None:
         raise
 
 
-_GROUPS = {"model", "task", "prompt", "online", "stage", "experiment"}
+_GROUPS = {"model", "task", "prompt", "online", "stage", "experiment", "logger", "hparams_search"}
 
 
 def precheck_overrides(args: list[str]) -> str | None:
@@ -122,8 +133,8 @@ def _main(entry: str):
         sys.exit(2)
 
     @hydra.main(version_base="1.3", config_path="conf", config_name=entry)
-    def main(cfg: DictConfig) -> None:
-        run_stage(entry, cfg)
+    def main(cfg: DictConfig) -> float | None:
+        return run_stage(entry, cfg)  # the objective, for a sweeper
 
     return main
 

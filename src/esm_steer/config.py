@@ -189,6 +189,7 @@ class EvalConfig:
     # a method whose share of error records (the generation raised) exceeds this stops the
     # run in one line: one bad row is recorded as wrong, a systematic failure is not a result
     max_error_rate: float = 0.02
+    objective: str = "accuracy"  # what a sweeper gets and suite_ranking.csv ranks by (esm row): or delta_vs_greedy
 
 
 @dataclass
@@ -252,6 +253,12 @@ class LaunchConfig:
 
 
 @dataclass
+class LoggerConfig:  # logger=none|mlflow (conf/logger/*.yaml, esm_steer.tracking)
+    name: str = "none"
+    tracking_uri: str | None = None  # null: sqlite <outputs.root_dir>/mlflow/mlflow.db; else a server
+
+
+@dataclass
 class ESMConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -268,6 +275,7 @@ class ESMConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     token2048: Token2048Config = field(default_factory=Token2048Config)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def register_configs() -> None:

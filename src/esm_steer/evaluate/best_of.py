@@ -29,7 +29,16 @@ from esm_steer.runs import Run, RunError
 log = logging.getLogger(__name__)
 
 # overrides of a suite job that are sweep plumbing or the split, never carried to the test run
-_BEST_OF_DROP = ("hydra", "outputs.suite_id", "outputs.run_id", "launch", "eval.split", "eval.best_of")
+# (hparams_search: an Optuna sweep's preset, which would make the test run a search again)
+_BEST_OF_DROP = (
+    "hydra",
+    "outputs.suite_id",
+    "outputs.run_id",
+    "launch",
+    "eval.split",
+    "eval.best_of",
+    "hparams_search",
+)
 
 
 def _override_key(item: str) -> str:
@@ -96,18 +105,22 @@ def apply_best_of(cfg: DictConfig, run: Run) -> DictConfig:
         "ranked_on_split": str(best["split"]),
         "ranked_jobs": int(len(ranking)),
         "method": str(best["method"]),
-        **{k: num(k) for k in ("accuracy", "delta_vs_greedy", "delta_ci_low", "delta_ci_high")},
+        "sweeper": str(best.get("sweeper", "basic")),
+        "objective": str(best.get("objective", "accuracy")),
+        **{k: num(k) for k in ("accuracy", "delta_vs_greedy", "delta_ci_low", "delta_ci_high", "objective_value")},
         "overrides": overrides,
     }
     atomic_write_json(run.path("best_of.json"), info)
     atomic_write_json(run.path("config_resolved.json"), OmegaConf.to_container(new, resolve=True))
     log.info(
-        "eval.best_of: running job %d of %s (rank 1 of %d by %s accuracy on %s: %.3f, Δ vs greedy %s) on the "
-        "test split with: %s",
+        "eval.best_of: running job %d of %s (%s sweep; rank 1 of %d by %s %s on %s: accuracy %.3f, Δ vs greedy %s) "
+        "on the test split with: %s",
         info["job_num"],
         sweep,
+        info["sweeper"],
         len(ranking),
         info["method"],
+        info["objective"],
         info["ranked_on_split"],
         info["accuracy"],
         "-" if info["delta_vs_greedy"] is None else f"{info['delta_vs_greedy']:+.3f}",

@@ -33,13 +33,14 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from esm_steer.esm import artifacts
 from esm_steer.evaluate.jobs import MAIN_TABLE, Job, job_dirs, override_column, override_keys, read_job, varying
 from esm_steer.evaluate.ranking import rank_configurations
 from esm_steer.evaluate.report import write_csv
 from esm_steer.io import atomic_save
+from esm_steer.tracking import end_sweep, start_sweep
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,26 @@ class SuiteCallback(Callback):
         self.figure = figure
         self.exit_on_failure = exit_on_failure
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse an Optuna search of esm-eval on the test split (one line, exit 2: tuning reads
+        val only); open the sweep's MLflow parent run (logger=mlflow)."""
+        sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+        split = OmegaConf.select(config, "eval.split", default=None)
+        if "optuna" in sweeper.lower() and OmegaConf.select(config, "stage.name") == "eval" and split != "val":
+            print(
+                f"esm-eval: eval.split={split}: an Optuna search tunes on the validation split (eval.split=val)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        start_sweep(config)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Aggregate; then, when a job failed (or the aggregation did), exit 1 with one line.
         SystemExit passes Hydra's callback guard, which would turn an exception into a warning."""
         if not self.enabled:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        written, jobs = {}, []
         try:
             written, jobs = aggregate_jobs(sweep_dir, figure=self.figure)
             problem = failure_line(jobs, written)
@@ -222,6 +237,7 @@ class SuiteCallback(Callback):
                 sweep_dir,
             )
             problem = f"suite: the aggregation of {sweep_dir} failed (see the log)"
+        end_sweep(config, sweep_dir, written, len(jobs), sum(j.status != "ok" for j in jobs))  # logger=mlflow
         if problem and self.exit_on_failure:
             print(problem, file=sys.stderr)
             sys.exit(1)
