@@ -296,3 +296,35 @@ def test_null_from_anchors_and_same_m_in_the_policy(lively_engine, artifacts, th
                 assert s["candidates"][0]["A_hat"] != 0.0  # null's Â came from an anchor
     with pytest.raises(ValueError, match="null_anchors"):
         OnlinePolicy(lively_engine, library, build_memory(library), _cfg(null_score="anchors"), CP)
+
+
+# ---------------------------------------------------------------- STIR's own split, as an explicit override
+
+
+def test_stirs_overlapping_split_only_when_asked_and_marked(tmp_path, caplog):
+    """task.take=first gives the first N rows in file order; a mine on the test split then
+    overlaps the eval questions: refused by default, logged and counted with
+    eval.allow_mining_overlap=true (eval marks the main table's mined_overlap column with it)."""
+    from esm_steer import runtime
+    from esm_steer.data.example import Example
+    from esm_steer.data.tasks import subsample
+    from esm_steer.splits import check_no_overlap, write_mined_questions
+
+    items = list(range(10))
+    assert subsample(items, 4, seed=0, take="first") == [0, 1, 2, 3]
+    assert subsample(items, 4, seed=0) != [0, 1, 2, 3] or subsample(items, 4, seed=1) != [0, 1, 2, 3]
+    exs = [Example(id=str(i), question=f"What is {i} + 1?", gold=str(i + 1)) for i in range(6)]
+    write_mined_questions(tmp_path / "mine", exs[:2])
+    with pytest.raises(RunError, match="were mined on 2 of the 6 eval questions"):
+        check_no_overlap(tmp_path, exs)
+    with caplog.at_level("WARNING"):
+        assert check_no_overlap(tmp_path, exs, allow=True) == 2
+    assert "eval.allow_mining_overlap=true: 2 of the 6 eval questions" in caplog.text
+    assert check_no_overlap(tmp_path, exs[2:], allow=True) == 0
+    # train == eval split: refused unless the override is given
+    over = ["task=math500", "task.carve=null", "task.train_split=test", "task.data_root=/nonexistent"]
+    with pytest.raises(ConfigError, match="must name three different splits"):
+        runtime.load_split(compose_cfg(over), "test")
+    with pytest.raises(Exception) as e:  # passes the split check, then looks for the data
+        runtime.load_split(compose_cfg(over + ["eval.allow_mining_overlap=true"]), "test")
+    assert "three different splits" not in str(e.value)

@@ -18,7 +18,7 @@ from esm_steer import runtime
 from esm_steer.config import ControlPointsConfig, ModelConfig, OnlineConfig
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm.library import Library, Tool
-from esm_steer.esm.memory import Memory, l2_normalise
+from esm_steer.esm.memory import Memory, build_memory, l2_normalise
 from esm_steer.esm.online import OnlinePolicy
 from test_vllm_backend import need_vllm
 
@@ -142,3 +142,57 @@ def test_prefix_cache_miss_keeps_the_tokens(setup, monkeypatch):
     miss = _run(v, artifacts, prompts[:6], "esm")
     assert [r.token_ids for r in miss] == [r.token_ids for r in hit]
     assert [[s["chosen"] for s in r.steps] for r in miss] == [[s["chosen"] for s in r.steps] for r in hit]
+
+
+# ---------------------------------------------------------------- STIR mode (impulse injection)
+
+
+def _stir_artifacts(hf, prompts):
+    """Tools at m = 0, 1, 2 (2 P + 2 N states each), STIR's memory: contrast entries + anchors."""
+    g = torch.Generator().manual_seed(1)
+    last = torch.stack([h[-1] for h in hf.hidden_states(prompts[:3])])
+    scale = float(last.norm(dim=-1).mean())
+    d = last.shape[1]
+    tools = []
+    for i, q in enumerate([0.5, 0.3, 0.8, 0.6]):
+        noise = 0.05 * scale / d**0.5
+        states = torch.stack([last[(i + j) % 3] + noise * torch.randn(d, generator=g) for j in range(4)])
+        vec = torch.randn(d, generator=g)
+        tools.append(
+            Tool(f"t{i}", f"q{i}", i % 3, q, 0.6 * scale * vec / vec.norm(), states.mean(0), states, {"n_pos": 2})
+        )
+    library = Library(tools, {"hidden_size": d})
+    return library, build_memory(library, center_keys=False, entries_of="contrast", null_anchors=True)
+
+
+@pytest.mark.parametrize("variant,first_m", [("esm", 0), ("esm", 1), ("no_probing", 0), ("static", 0)])
+def test_impulse_same_tokens_and_choices(setup, variant, first_m):
+    """online.inject=impulse (with STIR's retrieval and null score) keeps HF's tokens and choices:
+    the impulse is a re-forward of the control point on HF and a one-position range on vLLM."""
+    hf, v, prompts, _, greedy = setup
+    library, memory = _stir_artifacts(hf, prompts)
+    on = OnlineConfig(
+        variant=variant,
+        k_retrieve=6,
+        L=2,
+        probe_tokens=4,
+        beta=2.0,
+        rho=0.1,
+        k_scale=2.0,
+        probe_scale=1.0,
+        min_sim=-1.0,
+        inject="impulse",
+        null_score="anchors",
+        retrieve_same_m=True,
+    )
+    cp = ControlPointsConfig(segment_delimiter="\n", M=3, first_m=first_m)
+    a = OnlinePolicy(hf, library, memory, on, cp).run(prompts, T_MAX)
+    b = OnlinePolicy(v, library, memory, on, cp).run(prompts, T_MAX)
+    steps = [s for r in a for s in r.steps]
+    assert all(s["m"] >= first_m for s in steps)
+    assert any(s["chosen"] is not None for s in steps) and [r.token_ids for r in a] != greedy
+    _assert_same(f"impulse {variant} first_m={first_m}", a, b)
+    for x, y in zip(a, b):
+        assert y.budget_used == y.tokens_used + y.probe_tokens_used
+        if x.token_ids == y.token_ids:
+            assert x.probe_tokens_used == y.probe_tokens_used

@@ -79,6 +79,7 @@ class TaskConfig:
     split_seed: int = 0  # the carve's seed (not cfg.seed: mining and eval runs must agree)
     max_train_examples: int | None = None  # null: all
     max_eval_examples: int | None = None
+    take: str = "random"  # how max_*_examples picks: a seeded subsample (random) or the first N (first)
     difficulty: int = 1  # synthetic arith only: 1 = easy one-step ... 3 = three steps; 4 = 3-5 easy steps
     num_synthetic: int = 1000  # synthetic arith only: problems per split
     # the task's token budget: the default of decode.max_new_tokens (T_max of eval) and of
@@ -190,6 +191,10 @@ class EvalConfig:
     # run in one line: one bad row is recorded as wrong, a systematic failure is not a result
     max_error_rate: float = 0.02
     objective: str = "accuracy"  # what a sweeper gets and suite_ranking.csv ranks by (esm row): or delta_vs_greedy
+    # score questions the artifacts were mined on (STIR's released split mines the first 100 MATH-500
+    # items and evaluates the first 400): logged, and marked in the main table (mined_overlap);
+    # task.train_split may then equal task.eval_split
+    allow_mining_overlap: bool = False
 
 
 @dataclass
@@ -302,6 +307,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "eval.split": ("test", "val"),
     "eval.objective": ("accuracy", "delta_vs_greedy"),
     "logger.name": ("none", "mlflow"),
+    "task.take": ("random", "first"),
 }
 
 

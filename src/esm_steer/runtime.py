@@ -42,7 +42,8 @@ def load_split(cfg: DictConfig, split: str, max_examples: int | None | str = "au
     for the val and eval splits, else all."""
     t = cfg.task
     roles = [t.train_split, t.val_split, t.eval_split]
-    if len(set(roles)) < 3:
+    overlap = bool(cfg.eval.get("allow_mining_overlap")) and t.train_split == t.eval_split != t.val_split
+    if len(set(roles)) < 3 and not overlap:
         raise ConfigError(
             f"task.train_split={t.train_split!r}, task.val_split={t.val_split!r} and task.eval_split={t.eval_split!r} "
             "must name three different splits (task.carve carves them out of one source split)"
@@ -58,10 +59,13 @@ def load_split(cfg: DictConfig, split: str, max_examples: int | None | str = "au
         split,
         data_root=t.data_root,
         max_examples=max_examples,
+        take=str(t.get("take") or "random"),
         seed=cfg.seed,
         carve=OmegaConf.to_container(carve) if isinstance(carve, DictConfig) else carve,
         split_seed=int(t.get("split_seed") or 0),
-        disjoint_from=roles[roles.index(split) + 1 :] if split in roles and t.dataset != SYNTHETIC else [],
+        disjoint_from=roles[roles.index(split) + 1 :]
+        if split in roles and t.dataset != SYNTHETIC and not overlap
+        else [],
         **{k: t[k] for k in LOAD_KEYS if t.get(k) is not None},
     )
 

@@ -96,10 +96,13 @@ def grade(response: str, gold: str, task: str) -> bool:
     return grading.grade(response, gold, kind_for_task(task))
 
 
-def subsample(items: list, max_examples: int | None, seed: int) -> list:
-    """A seeded subsample of ``max_examples`` items, kept in their order (all when None or more)."""
+def subsample(items: list, max_examples: int | None, seed: int, take: str = "random") -> list:
+    """A seeded subsample of ``max_examples`` items, kept in their order (all when None or more);
+    ``take="first"``: the first ``max_examples`` (task.take)."""
     if max_examples is None or max_examples >= len(items):
         return items
+    if take == "first":
+        return items[:max_examples]
     picked = sorted(random.Random(seed).sample(range(len(items)), max_examples))
     return [items[i] for i in picked]
 
@@ -118,6 +121,7 @@ def load_split(
     carve: Mapping | None = None,
     split_seed: int = 0,
     disjoint_from: Sequence[str] = (),
+    take: str = "random",
     **kwargs: Any,
 ) -> tuple[list[Example], dict]:
     """(examples, split record) of task ``name`` / ``split``.
@@ -127,8 +131,9 @@ def load_split(
     other splits are read whole. ``disjoint_from``: our other splits whose questions are dropped
     from this one (questions that two source files share). The record says which source file,
     shares, seed and counts were used. ``max_examples`` draws a seeded subsample kept in file
-    order. kwargs: ``difficulty``, ``num_synthetic`` (arith); ``hub_id``, ``hub_config``,
-    ``hub_splits``, ``dedupe`` (the task yaml's values, e.g. from the composed ``cfg.task``)."""
+    order (``take="first"``: the first ones). kwargs: ``difficulty``, ``num_synthetic`` (arith);
+    ``hub_id``, ``hub_config``, ``hub_splits``, ``dedupe`` (the task yaml's values, e.g. from the
+    composed ``cfg.task``)."""
     spec = TASKS.get(name)
     if spec is None:
         raise DataError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
@@ -142,7 +147,7 @@ def load_split(
         difficulty = kwargs.get("difficulty") or TaskConfig.difficulty
         num = kwargs.get("num_synthetic") or TaskConfig.num_synthetic
         examples = generate(split, seed=seed, difficulty=difficulty, num=num)
-        out = subsample(examples, max_examples, seed)
+        out = subsample(examples, max_examples, seed, take)
         record = {
             "task": name,
             "split": split,
@@ -184,7 +189,7 @@ def load_split(
         examples = kept
     if not examples:
         raise DataError(f"task={name} split={split}: no usable rows in {record['source']} (skipped: {reasons})")
-    out = subsample(examples, max_examples, seed)
+    out = subsample(examples, max_examples, seed, take)
     record.update(n=len(examples), loaded=len(out))
     if record.get("carve") or record.get("dropped_in", {}).get("n"):
         log.info("task=%s split=%s: %s", name, split, describe_split(record))

@@ -66,7 +66,8 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         check_online(cfg.online, artifact_dir)
 
     examples = runtime.load_examples(cfg, runtime.eval_split(cfg))
-    check_no_overlap(artifact_dir, examples)  # never score questions the artifacts were mined on
+    # never score questions the artifacts were mined on (unless told to: STIR's split, marked)
+    overlap = check_no_overlap(artifact_dir, examples, allow=bool(cfg.eval.allow_mining_overlap))
     ids = [str(ex.id) for ex in examples]
     log.info(
         "eval: %d examples of %s/%s, T_max=%d, methods %s",
@@ -137,7 +138,14 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
             wall,
         )
 
-    write_reports(cfg, run, by_method, model_id=model_id_of(engine, run, tags.values()), artifact_dir=artifact_dir)
+    write_reports(
+        cfg,
+        run,
+        by_method,
+        model_id=model_id_of(engine, run, tags.values()),
+        artifact_dir=artifact_dir,
+        mined_overlap=overlap,
+    )
     warn_truncation(by_method, t_max)
     return by_method
 
@@ -186,8 +194,15 @@ def model_id_of(engine, run: Run, tags) -> str | None:
 
 
 def write_reports(
-    cfg: DictConfig, run: Run, by_method: dict, model_id: str | None = None, artifact_dir: Path | None = None
+    cfg: DictConfig,
+    run: Run,
+    by_method: dict,
+    model_id: str | None = None,
+    artifact_dir: Path | None = None,
+    mined_overlap: int = 0,
 ):
+    """Tables, diagnostics, figures and cases. ``mined_overlap``: scored questions the artifacts
+    were mined on (eval.allow_mining_overlap): a ``mined_overlap`` column marks the steered rows."""
     t_max = int(cfg.decode.max_new_tokens)
     model = model_id or str(cfg.model.name_or_path)
     common_args = dict(
@@ -199,6 +214,8 @@ def write_reports(
     )
     main_methods = [m for m in dict.fromkeys(method_label(cfg, m) for m in cfg.eval.methods) if m in by_method]
     main = report.results_table(by_method, main_methods, **common_args)
+    if mined_overlap:
+        main["mined_overlap"] = [0 if m == "greedy" else int(mined_overlap) for m in main["method"]]
     report.write_csv(main, run.path(artifacts.TABLES_DIR, artifacts.MAIN_TABLE))
     abl = None
     if cfg.eval.ablations:
