@@ -47,15 +47,16 @@ $(VSTAMP): pyproject.toml
 # engine in process (this package's CPU default), then the steering, capture and parity tests with
 # a separate EngineCore process started by spawn, as on a GPU (VLLM_ENABLE_V1_MULTIPROCESSING=1 is
 # vLLM's GPU default; CUDA forces spawn), where only the vllm.general_plugins entry point patches
-# the scheduler's block hashing.
+# the scheduler's block hashing; tensor_parallel_size=2 (tests/test_vllm_tp.py) in that pass only.
 VTEST := ESM_REQUIRE_VLLM=1 VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm $(VBIN)/pytest -q -p no:cacheprovider -m vllm -rs
-VMP_TESTS := tests/test_vllm_steer.py tests/test_vllm_online.py::test_captured_hidden_states_equal_hf_at_float32 \
+VMP_TESTS := tests/test_vllm_steer.py tests/test_vllm_tp.py \
+	tests/test_vllm_online.py::test_captured_hidden_states_equal_hf_at_float32 \
 	"tests/test_vllm_online.py::test_online_policy_same_tokens_and_choices[esm]"
 NO_SKIPS := $(VBIN)/python -c "import sys, xml.etree.ElementTree as E; s = E.parse(sys.argv[1]).getroot().iter('testsuite'); \
 	n = sum(int(t.get('skipped', 0)) for t in s); sys.exit(f'test-vllm: {n} vLLM tests skipped' if n else 0)"
 
 test-vllm: install-vllm fixtures
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VTEST) --junitxml=$(VLLM_VENV)/test-vllm.xml
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VTEST) --ignore=tests/test_vllm_tp.py --junitxml=$(VLLM_VENV)/test-vllm.xml
 	@$(NO_SKIPS) $(VLLM_VENV)/test-vllm.xml
 	VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn $(VTEST) $(VMP_TESTS) \
 		--junitxml=$(VLLM_VENV)/test-vllm-mp.xml

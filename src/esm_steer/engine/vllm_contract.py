@@ -94,14 +94,9 @@ def request_problem(state, version: str) -> str | None:
 # ---------------------------------------------------------------- engine start
 
 
-def check_before_start(version: str, environ, eager: bool, tensor_parallel_size: int) -> None:
+def check_before_start(version: str, environ) -> None:
     """Refuse, in one line and before the model loads, a vLLM the steering hook does not support."""
     problem = version_problem(version) or env_problem(environ)
-    if problem is None and eager and tensor_parallel_size > 1:
-        problem = (
-            f"model.tensor_parallel_size={tensor_parallel_size} with model.enforce_eager=true: per-request steering "
-            "is tested on one worker only; use model.tensor_parallel_size=1"
-        )
     if problem is not None:
         raise RuntimeError(problem)
 
