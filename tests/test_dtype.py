@@ -58,7 +58,8 @@ def test_probe_honours_the_isa_caps_of_an_emulated_avx2_run():
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
     code = "from esm_steer.engine.precision import probe_cpu; c = probe_cpu(); print(c.isa, c.bf16_units)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["AVX2", "False"]
+    isa, units = out.stdout.split()
+    assert units == "False" and not isa.startswith("AVX512")  # AVX2 on x86 (DEFAULT below it)
 
 
 def test_resolve_config_records_the_resolved_dtype(monkeypatch, caplog):

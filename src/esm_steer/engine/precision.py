@@ -65,7 +65,9 @@ def probe_cpu() -> CPUCapability:
     onednn = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     capped = onednn in _ONEDNN_NO_BF16 or not isa.startswith("AVX512")
     units = [n for n, ok in (("amx", amx), ("avx512_bf16", avx512_bf16)) if ok]
-    detail = f"{'+'.join(units) or 'no amx/avx512_bf16'}" + (f", ONEDNN_MAX_CPU_ISA={onednn}" if onednn else "")
+    detail = "+".join(units) or "no amx/avx512_bf16"
+    if units and capped:  # an emulated older CPU: the units are there, torch's kernels may not use them
+        detail += " unused: " + (f"ONEDNN_MAX_CPU_ISA={onednn}" if onednn else f"capability {isa}")
     bf16 = bool(units) and not capped
     return CPUCapability(isa, bf16, fp16_units=_flag("_is_amx_fp16_supported") and not capped, detail=detail)
 
