@@ -5,6 +5,7 @@ the null score from anchors, and the impulse injection on the HF batch and in th
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -328,3 +329,24 @@ def test_stirs_overlapping_split_only_when_asked_and_marked(tmp_path, caplog):
     with pytest.raises(Exception) as e:  # passes the split check, then looks for the data
         runtime.load_split(compose_cfg(over + ["eval.allow_mining_overlap=true"]), "test")
     assert "three different splits" not in str(e.value)
+
+
+def test_arith_difficulty_4_is_a_two_step_chain_written_one_line_per_step():
+    from esm_steer.data.arith import generate
+    from esm_steer.data.prompts import build_messages
+    from esm_steer.engine.segments import control_point_offsets
+
+    test = generate("test", difficulty=4)
+    assert len(test) == 1000 and len({e.question for e in test}) == 1000
+    assert not {e.question for e in test} & {e.question for e in generate("val", difficulty=4)}
+    for ex in test[:50]:
+        expr = re.search(r"\d+( [+-] \d+)+", ex.question).group(0)
+        assert int(ex.gold) == eval(expr) >= 0  # noqa: S307 - our own generated "a + b - c"
+        lines = ex.solution.split("\n")
+        assert len(lines) == 3 and lines[-1] == f"The answer is {ex.gold}."
+        # control points after each written step: m = 1, 2 (the delimiter the presets use)
+        pieces = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+        assert len(control_point_offsets(pieces, "\n", 5)) == 3
+    assert generate("test", seed=4242, difficulty=4)[:5] == generate("test", seed=4242, difficulty=4)[:5]
+    msgs = build_messages("arith_steps_3shot", test[0])
+    assert len(msgs) == 7 and msgs[1]["content"].count("\n") == 2  # shots of the same two-step shape

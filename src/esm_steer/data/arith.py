@@ -3,9 +3,11 @@
 difficulty 1: one step, + or -, operands <= 12 (the embedded 135M model solves ~1/3-1/2);
 difficulty 2: two steps of + / -, operands <= 30;
 difficulty 3: three steps, + / - / "n bags of m" / doubling, operands up to ~99;
-difficulty 4: a chain of three or four single-digit + / - operations ("Compute 3 + 4 - 2 + 5
-step by step."), one written line per operation: each step is easy, and an answer has a control
-point after every line (segment delimiter "\n"), which word problems at this model's level do not give.
+difficulty 4: a chain of two + / - operations ("Compute 6 + 5 - 4 step by step.", start <= 15,
+operands <= 7), answered in three written lines (one per operation, then the answer), so an answer
+has control points m = 1, 2 (segment delimiter "\n"). Calibrated on the embedded model
+(scripts/calibrate_arith.py, docs/results.md §11): greedy 50%, 39% at temperature 0.8 on 80 test
+problems; three operations fell to 14% and word problems of 2-5 steps to 2-18%.
 
 Problems come from one seeded stream; each question text goes to train, val or test by a hash
 of the text (:func:`split_of`), so the splits never share a problem, whatever the seed. val was
@@ -94,8 +96,8 @@ QUESTIONS = [
     "How many {obj} does {name} have in the end?",
 ]
 
-# per difficulty: steps (4: a (lo, hi) range drawn per problem), start range, operand range
-LEVELS = {1: (1, (2, 12), (1, 12)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60)), 4: ((3, 4), (1, 9), (1, 9))}
+# per difficulty: steps, start range, operand range
+LEVELS = {1: (1, (2, 12), (1, 12)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60)), 4: (2, (2, 15), (1, 7))}
 
 
 @dataclass
@@ -109,8 +111,21 @@ def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
+CHAINS = [
+    "Compute {} step by step.",
+    "Calculate {} step by step.",
+    "Work out {} step by step.",
+    "Find {} step by step.",
+    "Evaluate {} step by step.",
+    "Solve {} step by step.",
+    "What is {}? Go step by step.",
+    "Simplify {} step by step.",
+]
+
+
 def make_chain(rng: random.Random, n_steps: int, a: tuple[int, int], b: tuple[int, int]) -> ArithProblem:
-    """difficulty 4: "Compute a + b - c ... step by step." (results stay >= 0)."""
+    """difficulty 4: "Compute a + b - c ... step by step." (results stay >= 0; eight phrasings, so
+    that the splits hold a thousand problems and more)."""
     value = rng.randint(*a)
     expr, steps = [str(value)], []
     for _ in range(n_steps):
@@ -123,13 +138,13 @@ def make_chain(rng: random.Random, n_steps: int, a: tuple[int, int], b: tuple[in
             steps.append(f"{value} + {x} = {value + x}")
             expr.append(f"+ {x}")
             value += x
-    return ArithProblem(f"Compute {' '.join(expr)} step by step.", value, steps)
+    return ArithProblem(rng.choice(CHAINS).format(" ".join(expr)), value, steps)
 
 
 def make_problem(rng: random.Random, difficulty: int) -> ArithProblem:
     n_steps, (a_lo, a_hi), (b_lo, b_hi) = LEVELS[difficulty]
     if difficulty == 4:
-        return make_chain(rng, rng.randint(*n_steps), (a_lo, a_hi), (b_lo, b_hi))
+        return make_chain(rng, n_steps, (a_lo, a_hi), (b_lo, b_hi))
     name, he, his = rng.choice(NAMES)
     him = "him" if he == "he" else "her"
     obj = rng.choice(OBJECTS)

@@ -36,11 +36,12 @@ ARITH_SHOTS = (
     ),
 )
 
-# arith difficulty 4: one line per step, so that each step ends at a control point ("\n")
+# arith difficulty 4: one line per step, so that each step ends at a control point ("\n"); the
+# small model copies the shots' number of lines, so they have the task's two operations
 ARITH_STEPS_SHOTS = (
-    ("Compute 4 + 3 - 2 + 5 step by step.", "4 + 3 = 7.\n7 - 2 = 5.\n5 + 5 = 10.\nThe answer is 10."),
-    ("Compute 8 - 3 + 2 - 4 + 1 step by step.", "8 - 3 = 5.\n5 + 2 = 7.\n7 - 4 = 3.\n3 + 1 = 4.\nThe answer is 4."),
-    ("Compute 6 + 5 - 4 + 2 step by step.", "6 + 5 = 11.\n11 - 4 = 7.\n7 + 2 = 9.\nThe answer is 9."),
+    ("Compute 4 + 3 - 2 step by step.", "4 + 3 = 7.\n7 - 2 = 5.\nThe answer is 5."),
+    ("Compute 8 - 3 + 2 step by step.", "8 - 3 = 5.\n5 + 2 = 7.\nThe answer is 7."),
+    ("Compute 6 + 5 - 4 step by step.", "6 + 5 = 11.\n11 - 4 = 7.\nThe answer is 7."),
 )
 
 PROMPTS: dict[str, PromptTemplate] = {
