@@ -104,9 +104,7 @@ class DecodeConfig:
 class ControlPointsConfig:
     segment_delimiter: str = "\n\n"
     M: int = 8  # at most M segments (control points 0..M-1)
-    # the first control point that is mined and steered: 0 is the end of the prompt; STIR
-    # starts at 1 (the first segment is the model's own, docs/method.md)
-    first_m: int = 0
+    first_m: int = 0  # the first control point mined and steered (0: the prompt's end; STIR: 1)
 
 
 @dataclass
@@ -119,9 +117,7 @@ class OfflineMineConfig:
     require_correct_and_incorrect: bool = True
     pos_source: str = "rollout"  # rollout | gold | rollout_or_gold
     length_penalty: float = 0.1
-    # what v is: segment_mean (mean h over segment m, P minus N) or control_point (STIR: h at
-    # the control point itself, mean over P minus mean over N)
-    vector: str = "segment_mean"
+    vector: str = "segment_mean"  # v from the mean h of segment m, or control_point (STIR: mu+ - mu-)
 
 
 @dataclass
@@ -138,12 +134,8 @@ class OfflineMemoryConfig:
     # subtract the mean key (keys and queries) before normalising: hidden states are
     # anisotropic (raw cosines ~0.99), centring makes cosine retrieval discriminative
     center_keys: bool = True
-    # what keys a tool: states (one entry per mining state of P and N) or contrast (STIR: one
-    # entry keyed on the mean failing state mu-)
-    entries: str = "states"
-    # STIR's null anchors: the succeeding states (mu+ with entries=contrast, each P state with
-    # states) become entries without a vector, and a tool is keyed on the failing states only
-    null_anchors: bool = False
+    entries: str = "states"  # a tool's keys: each P and N state, or contrast (STIR: the failing mean mu-)
+    null_anchors: bool = False  # STIR: the succeeding states (mu+, or each P state) as entries without a tool
 
 
 @dataclass
@@ -161,9 +153,8 @@ class OnlineConfig:
     # baseline static: the one vector injected at every control point (x k_scale): the top-Q
     # tool's (top) or the Q-weighted mean of the library's vectors (mean)
     static_vector: str = "top"
-    # where the chosen vector enters: segment (every position of the next segment, kept on after
-    # the last control point) or impulse (STIR: the control-point position only, its forward
-    # redone; the probes are thrown away and the segment generated again from there)
+    # segment: every position of the next segment (kept on after the last control point); impulse
+    # (STIR): the control-point position only, the segment generated again after the probes
     inject: str = "segment"
     probe_scale: float | None = None  # the probes' scale of v; null: k_scale (STIR: 1.0)
     # what null scores: zero, or anchors (STIR: beta * the best sim*Q of the retrieved null anchors)
