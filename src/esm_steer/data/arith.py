@@ -3,8 +3,8 @@
 difficulty 1: one step, + or -, operands <= 12 (the embedded 135M model solves ~1/3-1/2);
 difficulty 2: two steps of + / -, operands <= 30;
 difficulty 3: three steps, + / - / "n bags of m" / doubling, operands up to ~99;
-difficulty 4: a chain of two + / - operations ("Compute 6 + 5 - 4 step by step.", start <= 15,
-operands <= 7), answered in three written lines (one per operation, then the answer), so an answer
+difficulty 4: a chain of two + / - operations ("Compute 6 + 5 - 4 step by step.", start <= 9,
+operands <= 5), answered in three written lines (one per operation, then the answer), so an answer
 has control points m = 1, 2 (segment delimiter "\n"). Calibrated on the embedded model
 (scripts/calibrate_arith.py, docs/results.md §11): greedy 50%, 39% at temperature 0.8 on 80 test
 problems; three operations fell to 14% and word problems of 2-5 steps to 2-18%.
@@ -97,7 +97,7 @@ QUESTIONS = [
 ]
 
 # per difficulty: steps, start range, operand range
-LEVELS = {1: (1, (2, 12), (1, 12)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60)), 4: (2, (2, 15), (1, 7))}
+LEVELS = {1: (1, (2, 12), (1, 12)), 2: (2, (5, 30), (2, 30)), 3: (3, (10, 99), (3, 60)), 4: (2, (2, 9), (1, 5))}
 
 
 @dataclass
@@ -111,21 +111,17 @@ def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
+# 24 phrasings of one chain: with single-digit numbers a phrasing is what makes the splits
+# hold a thousand problems each (the numbers alone give ~800)
 CHAINS = [
-    "Compute {} step by step.",
-    "Calculate {} step by step.",
-    "Work out {} step by step.",
-    "Find {} step by step.",
-    "Evaluate {} step by step.",
-    "Solve {} step by step.",
-    "What is {}? Go step by step.",
-    "Simplify {} step by step.",
+    f"{verb} {{}} {how}."
+    for verb in ("Compute", "Calculate", "Work out", "Find", "Evaluate", "Solve", "Simplify", "Add up")
+    for how in ("step by step", "one step at a time", "line by line")
 ]
 
 
 def make_chain(rng: random.Random, n_steps: int, a: tuple[int, int], b: tuple[int, int]) -> ArithProblem:
-    """difficulty 4: "Compute a + b - c ... step by step." (results stay >= 0; eight phrasings, so
-    that the splits hold a thousand problems and more)."""
+    """difficulty 4: "Compute a + b - c ... step by step." (results stay >= 0)."""
     value = rng.randint(*a)
     expr, steps = [str(value)], []
     for _ in range(n_steps):
