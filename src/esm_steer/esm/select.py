@@ -65,11 +65,11 @@ class _GreedyDPP:
         self.k += 1
 
 
-def _coverage_check(ms: np.ndarray, M: int, min_per: int) -> None:
+def _coverage_check(ms: np.ndarray, M: int, min_per: int, first_m: int = 0) -> None:
     if min_per <= 0:
         return
     counts = np.bincount(ms[ms < M], minlength=M) if len(ms) else np.zeros(M, dtype=int)
-    short = [f"m={m} has {counts[m]}" for m in range(M) if counts[m] < min_per]
+    short = [f"m={m} has {counts[m]}" for m in range(first_m, M) if counts[m] < min_per]
     if short:
         raise RunError(
             f"offline_select.min_per_control_point={min_per} cannot be met: {', '.join(short)} candidate(s) "
@@ -87,6 +87,7 @@ def select_indices(
     min_per_control_point: int = 0,
     M: int | None = None,
     seed: int = 0,
+    first_m: int = 0,
 ) -> list[int]:
     """Indices of the chosen candidates, in the order chosen. The candidates must come in
     rank order (−Q, question id, m) so that index order breaks ties as ``top`` does."""
@@ -94,7 +95,7 @@ def select_indices(
     ms = np.asarray(ms, dtype=np.int64)
     C = len(Q)
     M = int(ms.max()) + 1 if M is None and C else int(M or 0)
-    _coverage_check(ms, M, min_per_control_point)
+    _coverage_check(ms, M, min_per_control_point, first_m)  # m < first_m is never mined
     if B >= C:
         return list(range(C))
     chosen: list[int] = []
@@ -124,7 +125,7 @@ def select_indices(
         if method == "dpp":
             dpp.add(j)
 
-    for m in range(M):  # coverage first
+    for m in range(first_m, M):  # coverage first
         for _ in range(min_per_control_point):
             take(ms == m)
     everything = np.ones(C, dtype=bool)
@@ -191,6 +192,7 @@ def run(cfg: DictConfig, run, engine=None) -> None:
         int(sc.min_per_control_point),
         int(cfg.control_points.M),
         int(cfg.seed),
+        int(cfg.control_points.first_m),
     )
     div = mean_pairwise_cosine_distance(V[chosen])
     meta = {
