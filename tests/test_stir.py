@@ -350,3 +350,13 @@ def test_arith_difficulty_4_is_a_two_step_chain_written_one_line_per_step():
     assert generate("test", seed=4242, difficulty=4)[:5] == generate("test", seed=4242, difficulty=4)[:5]
     msgs = build_messages("arith_steps_3shot", test[0])
     assert len(msgs) == 7 and msgs[1]["content"].count("\n") == 2  # shots of the same two-step shape
+
+
+def test_select_coverage_starts_at_first_m():
+    from esm_steer.esm.select import select_indices
+
+    Q, ms = [0.9, 0.8, 0.7, 0.6], [1, 2, 1, 2]
+    with pytest.raises(RunError, match="m=0 has 0"):
+        select_indices(Q, None, ms, B=2, method="top", min_per_control_point=1, M=3)
+    chosen = select_indices(Q, None, ms, B=2, method="top", min_per_control_point=1, M=3, first_m=1)
+    assert sorted(ms[i] for i in chosen) == [1, 2]
