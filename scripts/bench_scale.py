@@ -145,7 +145,8 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 def growth(s: float | None) -> str:
     if s is None:
         return "-"
-    return f"{s:+.2f} ({'flat' if s < 0.3 else 'linear' if s <= 1.5 else 'quadratic'})"
+    label = "falling" if s < -0.3 else "flat" if s < 0.3 else "linear" if s <= 1.5 else "quadratic"
+    return f"{s:+.2f} ({label})"
 
 
 def table(rows: list[dict]) -> str:
@@ -166,11 +167,15 @@ def main() -> None:
     ap.add_argument("--eos", action="store_true", help="stop at EOS (default: answers of exactly T tokens)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
+    ap.add_argument("--report", type=Path, default=None, help="print the table of an earlier --json")
     ap.add_argument("--point", type=int, nargs=2, metavar=("T", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:  # child: one point, its row as the last stdout line
         row = one_point(args.point[0], args.point[1], args.K, args.data_root, args.work, args.eos)
         print("ROW " + json.dumps(row))
+        return
+    if args.report:
+        report(json.loads(args.report.read_text()), args)
         return
     points = [(T, args.n_for_T) for T in args.T] + [(args.T_for_n, n) for n in args.n]
     rows: list[dict] = []
@@ -188,9 +193,14 @@ def main() -> None:
         print(f"bench_scale: T={T} n={n} done in {time.perf_counter() - t0:.0f} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
+    report(rows, args)
+
+
+def report(rows: list[dict], args) -> None:
     by_T = [r for r in rows if r["n"] == args.n_for_T]
     by_n = [r for r in rows if r["T"] == args.T_for_n]
-    print(f"\nbench_scale: embedded SmolLM2-135M float32, 1 thread, gsm8k, K={args.K}, M=8, eos={args.eos}")
+    K, eos = rows[0]["K"], rows[0]["eos"]
+    print(f"\nbench_scale: embedded SmolLM2-135M float32, 1 thread, gsm8k, K={K}, M=8, eos={eos}")
     print(table(rows))
     print("\nfitted growth (log-log slope):")
     print(f"| quantity | vs T (n={args.n_for_T}) | vs n (T={args.T_for_n}) |\n|---|---|---|")
