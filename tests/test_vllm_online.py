@@ -165,8 +165,18 @@ def _stir_artifacts(hf, prompts):
     return library, build_memory(library, center_keys=False, entries_of="contrast", null_anchors=True)
 
 
-@pytest.mark.parametrize("variant,first_m", [("esm", 0), ("esm", 1), ("no_probing", 0), ("static", 0)])
-def test_impulse_same_tokens_and_choices(setup, variant, first_m):
+@pytest.mark.parametrize(
+    "variant,first_m,null_score,k_scale",
+    # at m >= 1 this test's anchors (prompt states, like its tools' keys) beat every tool, so null
+    # scores 0 there, and one impulse mid-answer needs more strength to move a token
+    [
+        ("esm", 0, "anchors", 2.0),
+        ("esm", 1, "zero", 8.0),
+        ("no_probing", 0, "anchors", 2.0),
+        ("static", 0, "anchors", 2.0),
+    ],
+)
+def test_impulse_same_tokens_and_choices(setup, variant, first_m, null_score, k_scale):
     """online.inject=impulse (with STIR's retrieval and null score) keeps HF's tokens and choices:
     the impulse is a re-forward of the control point on HF and a one-position range on vLLM."""
     hf, v, prompts, _, greedy = setup
@@ -178,11 +188,11 @@ def test_impulse_same_tokens_and_choices(setup, variant, first_m):
         probe_tokens=4,
         beta=2.0,
         rho=0.1,
-        k_scale=2.0,
+        k_scale=k_scale,
         probe_scale=1.0,
         min_sim=-1.0,
         inject="impulse",
-        null_score="anchors",
+        null_score=null_score,
         retrieve_same_m=True,
     )
     cp = ControlPointsConfig(segment_delimiter="\n", M=3, first_m=first_m)
@@ -191,7 +201,7 @@ def test_impulse_same_tokens_and_choices(setup, variant, first_m):
     steps = [s for r in a for s in r.steps]
     assert all(s["m"] >= first_m for s in steps)
     assert any(s["chosen"] is not None for s in steps) and [r.token_ids for r in a] != greedy
-    _assert_same(f"impulse {variant} first_m={first_m}", a, b)
+    _assert_same(f"impulse {variant} first_m={first_m} null={null_score}", a, b)
     for x, y in zip(a, b):
         assert y.budget_used == y.tokens_used + y.probe_tokens_used
         if x.token_ids == y.token_ids:
