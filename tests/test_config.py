@@ -181,6 +181,10 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["nosuchkey=1"], "unknown config key 'nosuchkey'"),
         (["model.nosuch=1"], "Key 'nosuch' not in 'ModelConfig'"),
         (["offline_mine.K=abc"], "could not be converted to Integer"),
+        # an unknown option of any group, the optional experiment included (Hydra would skip it)
+        (["experiment=no_such_preset"], "unknown experiment 'no_such_preset' (options: debug,"),
+        (["--cfg", "job", "experiment=stir_mth"], "unknown experiment 'stir_mth' (options: debug,"),
+        (["task=gsm9k"], "unknown task 'gsm9k' (options: aime_2024, arc-c, arith,"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, needle):

@@ -12,6 +12,7 @@ import logging
 import shutil
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -81,6 +82,7 @@ def run_stage(entry: str, cfg: DictConfig) -> float | None:
 
 
 _GROUPS = {"model", "task", "prompt", "online", "stage", "experiment", "logger", "hparams_search"}
+CONF_DIR = Path(__file__).parent / "conf"
 
 
 def precheck_overrides(args: list[str]) -> str | None:
@@ -96,8 +98,14 @@ def precheck_overrides(args: list[str]) -> str | None:
         key = o.key_or_group
         if o.is_add() or o.is_delete() or o.is_force_add() or key.startswith("hydra") or o.package:
             continue
-        if "." not in key and key in _GROUPS:
-            continue  # a group choice
+        if "." not in key and key in _GROUPS:  # a group choice: an option that exists (Hydra skips an
+            # unknown one of an optional group, and says so in several lines for the others)
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            for v in values:
+                if v not in options and v != "null":
+                    return f"unknown {key} '{v}' (options: {', '.join(options)})"
+            continue
         if key.split(".")[0] not in schema:
             return f"unknown config key '{key}' (top-level keys: {', '.join(schema.keys())})"
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
