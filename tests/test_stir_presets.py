@@ -4,7 +4,6 @@ embedded model with every STIR mechanism in force."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from omegaconf import OmegaConf
 
 import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
 from esm_steer.config import validate
+from esm_steer.evaluate.records import method_tag, per_example_path
+from esm_steer.io import read_jsonl
 
 BIN = Path(sys.executable).parent
 
@@ -88,7 +89,7 @@ def test_stir_debug_runs_end_to_end_from_an_empty_outputs_dir(tmp_path):
     # offline stages ran into this run dir: a contrast memory with one null anchor per tool
     meta = (run / "memory" / "meta.txt").read_text()
     assert "entries: contrast" in meta and "null_anchors: True" in meta
-    entries = [json.loads(line) for line in (run / "memory" / "entries.jsonl").open()]
+    entries = read_jsonl(run / "memory" / "entries.jsonl")
     tools = [e for e in entries if e["tool_id"] is not None]
     assert tools and {e["state"] for e in tools} == {"neg_mean"}
     assert sum(e["tool_id"] is None and e["state"] == "pos_mean" for e in entries) == len(tools)
@@ -96,6 +97,6 @@ def test_stir_debug_runs_end_to_end_from_an_empty_outputs_dir(tmp_path):
     assert list(main["method"]) == ["greedy", "esm"] and (main["n"] == 3).all() and (main["n_errors"] == 0).all()
     ablation = pd.read_csv(run / "tables" / "ablation.csv")
     assert {"no_memory", "no_probing"} <= set(ablation["method"])
-    steps = [s for line in (run / "eval" / "esm_T64" / "per_example.jsonl").open() for s in json.loads(line)["steps"]]
+    steps = [s for r in read_jsonl(per_example_path(run, method_tag("esm", 64))) for s in r["steps"]]
     # first_m = 1: the end of the prompt (m = 0) is never a control point
     assert steps and min(s["m"] for s in steps) >= 1

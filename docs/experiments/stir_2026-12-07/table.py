@@ -4,21 +4,20 @@
 Uses the package's own statistics (wilson_ci, paired_bootstrap_delta, diagnose).
 """
 
-import json
 import sys
 from pathlib import Path
 
 from esm_steer.evaluate.diagnostics import diagnose
+from esm_steer.evaluate.records import method_tag, per_example_path
 from esm_steer.evaluate.stats import paired_bootstrap_delta, paired_correct, wilson_ci
+from esm_steer.io import read_jsonl
 
 R = Path("/work/exp/stir/outputs")
 
 
 def load(run: str, method: str) -> list[dict]:
-    p = R / run / "eval" / f"{method}_T48" / "per_example.jsonl"
-    if not p.exists():  # greedy lives in the artifact dir's shared store; the run dir has a copy
-        return []
-    return [json.loads(line) for line in p.open()]
+    p = per_example_path(R / run, method_tag(method, 48))
+    return read_jsonl(p) if p.exists() else []  # a row not run (yet) prints as missing
 
 
 greedy = load(sys.argv[1], "greedy")
