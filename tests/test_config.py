@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import esm_steer.cli  # noqa: F401 - registers the schema and resolvers
-from esm_steer.config import ConfigError, validate
+from esm_steer.config import ConfigError, ESMConfig, validate
 
 CONF = Path(esm_steer.cli.__file__).parent / "conf"
-GROUPS = ["model", "task", "prompt", "online", "stage", "experiment"]
+GROUPS = ["model", "task", "prompt", "online", "mode", "stage", "experiment"]
 ENTRYPOINTS = ["mine", "select", "memory", "eval", "case", "token2048"]
 
 
@@ -46,10 +49,39 @@ def test_every_group_choice_composes_and_validates(group, option):
 def test_group_options_are_the_documented_ones():
     assert set(options("model")) == {"smollm2_135m", "qwen3_0_6b", "qwen3_4b", "r1_distill_qwen_1_5b"}
     assert {"debug", "gsm8k_recommended_small", "gsm8k_recommended_paper", "suite_tiny"} <= set(options("experiment"))
-    assert set(options("online")) == {"esm", "no_memory", "no_probing"}
+    assert set(options("online")) == {"esm", "no_memory", "no_probing", "static"}
+    assert set(options("mode")) == {"stir", "seed"}
     assert {"gsm8k", "svamp", "arc-c", "math500", "math", "aime_2024", "strategyqa", "dapo_math", "arith"} <= set(
         options("task")
     )
+
+
+# the five mechanisms of STIR (docs/method.md "STIR mode") and the seed's first reading of each
+MECHANISMS = {
+    "offline_mine.vector": ("control_point", "segment_mean"),
+    "control_points.first_m": (1, 0),
+    "offline_memory.entries": ("contrast", "states"),
+    "offline_memory.null_anchors": (True, False),
+    "offline_memory.center_keys": (False, True),
+    "online.null_score": ("anchors", "zero"),
+    "online.retrieve_same_m": (True, False),
+    "online.inject": ("impulse", "segment"),
+    "online.probe_scale": (1.0, None),
+}
+
+
+def test_stir_mode_is_the_default_and_mode_seed_the_earlier_reading():
+    stir, seed, paper = _compose("eval"), _compose("eval", ["mode=seed"]), _compose("eval", ["experiment=stir_math"])
+    for key, (stir_value, seed_value) in MECHANISMS.items():
+        assert OmegaConf.select(stir, key) == stir_value == OmegaConf.select(paper, key), key
+        assert OmegaConf.select(seed, key) == seed_value, key
+    validate(seed)
+    # STIR's released online values are the defaults; mode=seed restores the seed's
+    assert [stir.online[k] for k in ("k_retrieve", "L", "probe_tokens", "beta", "rho")] == [8, 4, 4, 2.0, 0.1]
+    assert [seed.online[k] for k in ("k_retrieve", "L", "probe_tokens", "beta", "rho")] == [16, 3, 6, 1.0, 1.0]
+    # an experiment's own values win over the mode's; the mode's over the schema's
+    debug_seed = _compose("eval", ["mode=seed", "experiment=debug"])
+    assert debug_seed.online.L == 1 and debug_seed.online.k_retrieve == 8 and debug_seed.online.inject == "segment"
 
 
 @pytest.mark.parametrize("entry", ENTRYPOINTS)
@@ -153,7 +185,6 @@ def test_experiment_overrides_groups():
         ("control_points.M=0", "control_points.M"),
         ("offline_select.B=2", "offline_select.B"),  # B >= min_per_control_point * M
         ("offline_select.method=greedy", "offline_select.method"),
-        ("online.variant=foo", "online.variant"),
         ("online.min_sim=2", "online.min_sim"),
         ("model.backend=tgi", "model.backend"),
         ("model.vllm_hidden_states=hook", "model.vllm_hidden_states"),
@@ -268,13 +299,26 @@ def test_the_default_groups_are_the_schema():
         assert OmegaConf.to_container(node, resolve=True) == OmegaConf.to_container(OmegaConf.structured(cls)), cls
 
 
-def test_method_names_are_listed_once():
-    from esm_steer.config import ABLATIONS, BASELINE, METHODS, ONLINE_METHODS
-    from esm_steer.esm.policy import VARIANTS
-    from esm_steer.evaluate import records
+def test_method_names_are_the_registered_strategies():
+    from esm_steer.esm.strategies import STRATEGIES
+    from esm_steer.evaluate.methods import check_methods
 
-    assert records.ONLINE_METHODS is ONLINE_METHODS and VARIANTS is ONLINE_METHODS
-    assert BASELINE in METHODS and set(ABLATIONS) < set(ONLINE_METHODS)
-    for bad in (["eval.methods=[greedy,nope]"], ["eval.ablations=[esm]"], ["online.variant=greedy"]):
-        with pytest.raises(ConfigError, match=bad[0].split("=")[0].replace(".", r"\.")):
-            validate(_compose("eval", bad))
+    check_methods(_compose("eval", [f"eval.methods=[greedy,{','.join(STRATEGIES)}]"]))
+    for bad in (["eval.methods=[greedy,nope]"], ["eval.ablations=[greedy]"], ["online.variant=greedy"]):
+        with pytest.raises(ConfigError, match="^" + bad[0].split("=")[0].replace(".", r"\.") + ": unknown online"):
+            check_methods(_compose("eval", bad))
+
+
+DOCUMENTED_DEFAULT = re.compile(r"`([a-z_0-9]+\.[a-z_A-Z0-9]+)`\s+\(default\s+`?([^)`]+)`?\)")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/method.md"])
+def test_documented_defaults_are_the_schemas(doc):
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    schema = OmegaConf.structured(ESMConfig)
+    found = DOCUMENTED_DEFAULT.findall(text)
+    assert found, f"{doc} documents no default as `key` (default value)"
+    for key, value in found:
+        want = OmegaConf.select(schema, key, throw_on_missing=False)
+        got = json.loads(value) if value.startswith('"') else yaml.safe_load(value)
+        assert got == want, f"{doc}: `{key}` (default {value}) but the schema's default is {want!r}"

@@ -11,6 +11,7 @@ from esm_steer.config import ESMConfig
 from esm_steer.esm.library import Library, Tool
 from esm_steer.esm.memory import Memory, build_memory, run
 from esm_steer.runs import Run, RunError
+from modes import with_seed_mode
 
 
 def make_library(n_tools=5, d=12, seed=0, model_id="fake-model", layer=3) -> Library:
@@ -79,7 +80,7 @@ def test_missing_memory_names_the_file_and_stage(tmp_path):
 
 
 def test_memory_stage_writes_every_file(tmp_path):
-    cfg = OmegaConf.structured(ESMConfig)
+    cfg = with_seed_mode(OmegaConf.structured(ESMConfig))  # one entry per state
     OmegaConf.update(cfg, "decode.max_new_tokens", 64, merge=False)
     run_dir = tmp_path / "debug" / "r1"
     make_library().save(run_dir)

@@ -15,6 +15,7 @@ from esm_steer.engine.base import EngineInfo, Sample
 from esm_steer.esm.mine import load_candidates, mine
 from esm_steer.io import read_jsonl
 from esm_steer.runs import RunError
+from modes import with_seed_mode
 
 # ---------------------------------------------------------------- a controllable engine
 
@@ -80,7 +81,7 @@ class FakeEngine:
 
 
 def make_cfg(**over):
-    cfg = OmegaConf.structured(ESMConfig)
+    cfg = with_seed_mode(OmegaConf.structured(ESMConfig))  # rollout positives, length_penalty 0.1
     base = {
         "offline_mine.K": 6,
         "offline_mine.K_pos": 3,

@@ -20,9 +20,10 @@ from esm_steer.esm.library import Library, Tool
 from esm_steer.esm.memory import Memory, l2_normalise
 from esm_steer.esm.online import OnlinePolicy, OnlineResult, summarize
 from esm_steer.esm.retrieve import a_hat, aggregate
+from modes import seed_mode
 
 T_MAX = 24
-CP = ControlPointsConfig(segment_delimiter="er", M=4)
+CP = ControlPointsConfig(segment_delimiter="er", M=4, **seed_mode("control_points"))  # from m = 0
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def artifacts(engine, prompts):
 
 
 def cfg(**kw) -> OnlineConfig:
-    base = dict(
+    """The seed reading's online config (segment injection, null at 0) at test sizes."""
+    base = seed_mode("online") | dict(
         variant="esm",
         k_retrieve=4,
         L=2,

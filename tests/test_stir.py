@@ -20,10 +20,11 @@ from esm_steer.esm.online import OnlinePolicy
 from esm_steer.esm.policy import candidates_of, choose, score
 from esm_steer.esm.retrieve import aggregate
 from esm_steer.runs import RunError
+from modes import seed_mode
 from test_eval import compose_cfg
 
 T_MAX = 24
-CP = ControlPointsConfig(segment_delimiter="er", M=4)
+CP = ControlPointsConfig(segment_delimiter="er", M=4, **seed_mode("control_points"))  # one switch at a time
 
 
 # ---------------------------------------------------------------- Stage I
@@ -149,8 +150,9 @@ def test_a_query_equal_to_an_anchor_key_makes_null_win():
 
 def test_config_refuses_anchor_scoring_without_anchors():
     with pytest.raises(ConfigError, match=r"online.null_score='anchors'.*offline_memory.null_anchors=true"):
-        validate(compose_cfg(["online.null_score=anchors"]))
-    validate(compose_cfg(["online.null_score=anchors", "offline_memory.null_anchors=true"]))
+        validate(compose_cfg(["offline_memory.null_anchors=false"]))  # the default scores null from anchors
+    validate(compose_cfg(["online.null_score=zero", "offline_memory.null_anchors=false"]))
+    validate(compose_cfg([]))
     with pytest.raises(ConfigError, match="control_points.first_m"):
         validate(compose_cfg(["control_points.first_m=8"]))
 
@@ -234,7 +236,9 @@ def artifacts(lively_engine, three_prompts):
 
 
 def _cfg(**kw) -> OnlineConfig:
-    base = dict(k_retrieve=6, L=2, probe_tokens=3, beta=1.0, rho=1.0, k_scale=1.0, min_sim=-1.0, inject="impulse")
+    base = seed_mode("online") | dict(
+        k_retrieve=6, L=2, probe_tokens=3, beta=1.0, rho=1.0, k_scale=1.0, min_sim=-1.0, inject="impulse"
+    )
     base.update(kw)
     return OnlineConfig(**base)
 

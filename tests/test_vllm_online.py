@@ -20,13 +20,15 @@ from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm.library import Library, Tool
 from esm_steer.esm.memory import Memory, build_memory, l2_normalise
 from esm_steer.esm.online import OnlinePolicy
+from modes import seed_mode
 from test_vllm_backend import need_vllm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 N_QUESTIONS = 16
 T_MAX = 40
 MAX_DIFFERING = 1  # of 16: float noise may flip a near-tie; the test names the example
-CP = ControlPointsConfig(segment_delimiter="\n", M=3)  # the debug preset's control points
+# the debug preset's control points, from m = 0 as the seed reading steers
+CP = ControlPointsConfig(segment_delimiter="\n", M=3, **seed_mode("control_points"))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,8 @@ def test_captured_hidden_states_equal_hf_at_float32(setup):
 
 def _online(variant: str) -> OnlineConfig:
     return OnlineConfig(
-        variant=variant, k_retrieve=4, L=2, probe_tokens=4, beta=1.0, rho=1.0, k_scale=1.0, tau_null=0.0, min_sim=-1.0
+        **seed_mode("online")
+        | dict(variant=variant, k_retrieve=4, L=2, probe_tokens=4, beta=1.0, rho=1.0, tau_null=0.0, min_sim=-1.0)
     )
 
 

@@ -81,7 +81,7 @@ def run_stage(entry: str, cfg: DictConfig) -> float | None:
         raise
 
 
-_GROUPS = {"model", "task", "prompt", "online", "stage", "experiment", "logger", "hparams_search"}
+_GROUPS = {"model", "task", "prompt", "online", "mode", "stage", "experiment", "logger", "hparams_search"}
 CONF_DIR = Path(__file__).parent / "conf"
 
 

@@ -4,6 +4,9 @@ The yaml files under ``conf/`` mirror these classes. Because the composed config
 against the schema, a misspelt key or a value of the wrong type fails at composition with
 Hydra's one-line error. :func:`validate` adds the semantic checks (ranges, consistency) and
 raises :class:`ConfigError` with one line naming the key and the allowed range.
+
+The ESM defaults are STIR mode (docs/method.md); ``mode=seed`` (conf/mode/seed.yaml) is the
+seed's first reading, which docs/results.md §1-10 measured.
 """
 
 from __future__ import annotations
@@ -19,12 +22,9 @@ class ConfigError(ValueError):
     """A config value outside its allowed range; the message is one line naming the key."""
 
 
-# The method names (docs/method.md): the unsteered baseline, and the online policy's variants
-# (online.variant; esm is the full policy, the others its ablations and the static baseline).
+# The unsteered baseline's method name; every other method is a registered online strategy
+# (esm_steer.esm.strategies: esm, its ablations no_memory / no_probing, static).
 BASELINE = "greedy"
-ONLINE_METHODS = ("esm", "no_memory", "no_probing", "static")
-METHODS = (BASELINE, "esm", "static")  # eval.methods
-ABLATIONS = ONLINE_METHODS[1:]  # eval.ablations
 
 
 @dataclass
@@ -102,20 +102,20 @@ class DecodeConfig:
 class ControlPointsConfig:
     segment_delimiter: str = "\n\n"
     M: int = 8  # at most M segments (control points 0..M-1)
-    first_m: int = 0  # the first control point mined and steered (0: the prompt's end; STIR: 1)
+    first_m: int = 1  # the first control point mined and steered (STIR: 1; 0: the prompt's end, mode=seed)
 
 
 @dataclass
 class OfflineMineConfig:
     K: int = 8
-    K_pos: int = 4
-    K_neg: int = 4
+    K_pos: int = 2
+    K_neg: int = 3
     max_new_tokens: int = II("task.budget")
-    keep_top_C: int = 256
+    keep_top_C: int = 128
     require_correct_and_incorrect: bool = True
-    pos_source: str = "rollout"  # rollout | gold | rollout_or_gold
-    length_penalty: float = 0.1
-    vector: str = "segment_mean"  # v from the mean h of segment m, or control_point (STIR: mu+ - mu-)
+    pos_source: str = "rollout_or_gold"  # rollout | gold | rollout_or_gold
+    length_penalty: float = 0.01
+    vector: str = "control_point"  # v = mu+ - mu- of the control-point states, or segment_mean (of segment m)
 
 
 @dataclass
@@ -129,21 +129,21 @@ class OfflineSelectConfig:
 @dataclass
 class OfflineMemoryConfig:
     normalize_keys: bool = True
-    # subtract the mean key (keys and queries) before normalising: hidden states are
-    # anisotropic (raw cosines ~0.99), centring makes cosine retrieval discriminative
-    center_keys: bool = True
-    entries: str = "states"  # a tool's keys: each P and N state, or contrast (STIR: the failing mean mu-)
-    null_anchors: bool = False  # STIR: the succeeding states (mu+, or each P state) as entries without a tool
+    # subtract the mean key (keys and queries) before normalising (mode=seed): hidden states are
+    # anisotropic (raw cosines ~0.99); STIR keeps raw cosines
+    center_keys: bool = False
+    entries: str = "contrast"  # a tool's keys: the failing mean mu- (contrast), or each P and N state (states)
+    null_anchors: bool = True  # the succeeding states (mu+, or each P state) as entries without a tool
 
 
 @dataclass
 class OnlineConfig:
-    variant: str = "esm"  # one of ONLINE_METHODS
-    k_retrieve: int = 16
-    L: int = 3
-    probe_tokens: int = 6
-    beta: float = 1.0
-    rho: float = 1.0
+    variant: str = "esm"  # the strategy method esm runs as (a name in esm_steer.esm.strategies)
+    k_retrieve: int = 8
+    L: int = 4
+    probe_tokens: int = 4
+    beta: float = 2.0
+    rho: float = 0.1
     k_scale: float = 1.0
     tau_null: float = 0.0
     min_sim: float = 0.0
@@ -151,19 +151,19 @@ class OnlineConfig:
     # baseline static: the one vector injected at every control point (x k_scale): the top-Q
     # tool's (top) or the Q-weighted mean of the library's vectors (mean)
     static_vector: str = "top"
-    # segment: every position of the next segment (kept on after the last control point); impulse
-    # (STIR): the control-point position only, the segment generated again after the probes
-    inject: str = "segment"
-    probe_scale: float | None = None  # the probes' scale of v; null: k_scale (STIR: 1.0)
-    # what null scores: zero, or anchors (STIR: beta * the best sim*Q of the retrieved null anchors)
-    null_score: str = "zero"
-    retrieve_same_m: bool = False  # search only entries mined at the same control point m (STIR)
+    # impulse: the control-point position only, the segment generated again after the probes;
+    # segment: every position of the next segment (kept on after the last control point)
+    inject: str = "impulse"
+    probe_scale: float | None = 1.0  # the probes' scale of v; null: k_scale
+    # what null scores: anchors (beta * the best sim*Q of the retrieved null anchors), or zero
+    null_score: str = "anchors"
+    retrieve_same_m: bool = True  # search only entries mined at the same control point m
 
 
 @dataclass
 class EvalConfig:
-    methods: list[str] = field(default_factory=lambda: [BASELINE, "esm"])  # each one of METHODS
-    ablations: list[str] = field(default_factory=list)  # each one of ABLATIONS
+    methods: list[str] = field(default_factory=lambda: [BASELINE, "esm"])  # greedy or registered strategies
+    ablations: list[str] = field(default_factory=list)  # registered strategies (no_memory, no_probing)
     artifact_run_dir: str | None = None  # null: this run's dir; outputs/<name>/latest works
     tag: str | None = None  # eval/<tag>/; null: derived from method and T_max
     split: str = "test"  # test: task.eval_split; val: task.val_split (tuning never reads test)
@@ -286,7 +286,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.vllm_hidden_states": ("auto", "capture", "hf"),
     "offline_mine.pos_source": ("rollout", "gold", "rollout_or_gold"),
     "offline_select.method": ("dpp", "top", "random"),
-    "online.variant": ONLINE_METHODS,
     "online.static_vector": ("top", "mean"),
     "online.inject": ("segment", "impulse"),
     "online.null_score": ("zero", "anchors"),
@@ -371,10 +370,6 @@ def validate(cfg: Any) -> None:
         "anchors needs a memory with null anchors (offline_memory.null_anchors=true)",
     )
 
-    for m in g("eval.methods"):
-        need(m in METHODS, "eval.methods", "each one of " + ", ".join(METHODS))
-    for a in g("eval.ablations"):
-        need(a in ABLATIONS, "eval.ablations", "each one of " + ", ".join(ABLATIONS))
     need(g("eval.bootstrap_samples") >= 100, "eval.bootstrap_samples", "must be >= 100")
     need(0 <= g("eval.max_error_rate") <= 1, "eval.max_error_rate", "0 <= max_error_rate <= 1")
 

@@ -40,6 +40,7 @@ ESM_OVERRIDES = [
     "offline_mine.require_correct_and_incorrect=false",
     "offline_select.B=4",
     "offline_memory.center_keys=true",
+    "control_points.first_m=0",  # a random model seldom writes a delimiter in 10 tokens: steer from m = 0
     "decode.max_new_tokens=10",
     "model.batch_size=4",  # = K: one question per generate call, the same batches on resume
     "eval.methods=[esm]",

@@ -42,7 +42,7 @@ def tiny_library(n: int = 3, d: int = 8) -> Library:
 
 def test_full_disk_while_writing_the_memory_keeps_the_previous_one(tmp_path, monkeypatch):
     tiny_library().save(tmp_path)
-    cfg = esm_cfg("memory")
+    cfg = esm_cfg("memory", ("mode=seed",))  # its tools have no P/N split: one entry per state
     memory_stage.run(cfg, Run(tmp_path, cfg))
     before = {p.name: p.read_bytes() for p in (tmp_path / "memory").iterdir()}
     monkeypatch.setattr(np, "save", half_then_full)

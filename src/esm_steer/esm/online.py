@@ -30,20 +30,11 @@ import torch
 
 from esm_steer.config import ModelConfig
 from esm_steer.engine.base import FINISH_LENGTH, FINISH_STOP
-from esm_steer.esm.policy import (
-    STATIC_MEAN,
-    VARIANTS,
-    OnlineResult,
-    candidates_of,
-    choose,
-    record_choice,
-    score,
-    static_vector,
-    summarize,
-)
+from esm_steer.esm.policy import OnlineResult, choose, record_choice, score, summarize
 from esm_steer.esm.retrieve import GATE_NO_TOOLS, GATE_OK, Retrieval, aggregate
+from esm_steer.esm.strategies import strategy_class
 
-__all__ = ["STATIC_MEAN", "VARIANTS", "OnlinePolicy", "OnlineResult", "summarize"]
+__all__ = ["OnlinePolicy", "OnlineResult", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +69,9 @@ class _Example:
 
 
 class OnlinePolicy:
-    """Runs the online ESM policy (or an ablation) on an engine's :class:`DecodeBatch`.
+    """Runs the online ESM policy (or an ablation) on an engine's :class:`DecodeBatch`; what
+    differs between the variants is the registered strategy of ``online.variant``
+    (:mod:`.strategies`).
 
     Args:
         engine: an engine with ``supports_steering`` and ``start(prompts, segment_delimiter=...,
@@ -91,8 +84,7 @@ class OnlinePolicy:
     """
 
     def __init__(self, engine, library, memory, online_cfg, control_points_cfg):
-        if online_cfg.variant not in VARIANTS:
-            raise ValueError(f"online.variant={online_cfg.variant!r}: one of {', '.join(VARIANTS)}")
+        strategy = strategy_class(str(online_cfg.variant))
         if not engine.supports_steering:
             raise TypeError(f"the online policy needs steered step-level decoding; {type(engine).__name__} has none")
         self.engine = engine
@@ -107,13 +99,9 @@ class OnlinePolicy:
         self._top_by_q = [(t.tool_id, float(t.Q)) for t in library.top_by_q(online_cfg.L)][: online_cfg.L]
         self.impulse = online_cfg.inject == "impulse"
         self.first_m = int(control_points_cfg.first_m)
-        if online_cfg.null_score == "anchors" and memory is not None and not memory.has_null_anchors:
+        if online_cfg.null_score == "anchors" and strategy.uses_memory and not memory.has_null_anchors:
             raise ValueError("online.null_score=anchors needs a memory built with offline_memory.null_anchors=true")
-        self._static = None
-        if online_cfg.variant == "static":
-            self._static, mean = static_vector(library, online_cfg.static_vector)
-            if mean is not None:
-                self._vectors[STATIC_MEAN] = mean
+        self.strategy = strategy(self)
 
     # ------------------------------------------------------------------ public
 
@@ -207,7 +195,7 @@ class OnlinePolicy:
         """Retrieve for every example at a control point (one search), then gate, score or fork."""
         for ex in examples:
             ex.due = False
-        retrievals = self._retrieve(batch, examples)
+        retrievals = self.strategy.retrieve(batch, examples)
         probing: list[tuple[_Example, dict, list[dict], int]] = []
         for ex, ret in zip(examples, retrievals):
             start = len(batch.tokens(ex.row))
@@ -224,20 +212,9 @@ class OnlinePolicy:
                 "inject_norm": 0.0,
             }
             ex.steps.append(step)
-            if self.cfg.variant == "static":
-                self._steer_static(batch, ex, step)
-                continue
-            tools = ret.tools[: self.cfg.L]
-            if ret.gate != GATE_OK or not tools:
-                step["gate"] = ret.gate if ret.gate != GATE_OK else GATE_NO_TOOLS
-                batch.set_steer(ex.row, None)  # null for this segment
-                continue
-            candidates = candidates_of(tools, ret.null_A_hat if self.cfg.null_score == "anchors" else 0.0)
-            if self.cfg.variant == "no_probing":
-                score(candidates, self.cfg.beta, self.cfg.rho)
-                self._choose(batch, ex, step, candidates, ex.row)
-                continue
-            probing.append((ex, step, candidates, start))
+            candidates = self.strategy.act(batch, ex, step, ret)
+            if candidates is not None:
+                probing.append((ex, step, candidates, start))
 
         # probe: the original row is null, L forks (same KV cache, no re-encoding) carry k_scale·v_i
         # (online.probe_scale); impulse: every probe is a fork, the original row waits at the
@@ -250,10 +227,10 @@ class OnlinePolicy:
             rows = list(forks[ex.row]) if self.impulse else [ex.row] + list(forks[ex.row])
             batch.set_steer(rows[0], None)
             for row, c in zip(rows[1:], candidates[1:]):
-                self._inject(batch, row, self._vector(c["tool"]), scale)
+                self.inject(batch, row, self.vector(c["tool"]), scale)
             ex.probe = _Probe(step, candidates, rows, start, min(self.cfg.probe_tokens, T - start), base=base)
 
-    def _inject(self, batch, row: int, vector: torch.Tensor | None, scale: float) -> None:
+    def inject(self, batch, row: int, vector: torch.Tensor | None, scale: float) -> None:
         """online.inject: segment steers every position the row decodes from now on; impulse
         only the control point's position (its forward redone), nothing after it."""
         if self.impulse:
@@ -262,23 +239,13 @@ class OnlinePolicy:
         else:
             batch.set_steer(row, vector, scale)
 
-    def _steer_static(self, batch, ex: _Example, step: dict) -> None:
-        """static: the same k_scale·v at every control point (no retrieval, no probe)."""
-        if self._static is None:
-            step["gate"] = GATE_NO_TOOLS
-            batch.set_steer(ex.row, None)
-            return
-        scale = float(self.cfg.k_scale)
-        vec = self._vector(self._static)
-        step["chosen"] = self._static
-        step["scale"] = scale
-        step["inject_norm"] = float((vec * scale).norm()) if scale != 0.0 else 0.0
-        self._inject(batch, ex.row, vec if scale != 0.0 else None, scale)
+    def top_by_q(self, examples: list[_Example]) -> list[Retrieval]:
+        """No retrieval: every example's candidates are the library's L highest-Q tools (Â = Q)."""
+        gate = GATE_OK if self._top_by_q else GATE_NO_TOOLS
+        return [Retrieval([], 0, gate, list(self._top_by_q)) for _ in examples]
 
-    def _retrieve(self, batch, examples: list[_Example]) -> list[Retrieval]:
-        if self.cfg.variant in ("no_memory", "static"):
-            gate = GATE_OK if self._top_by_q else GATE_NO_TOOLS
-            return [Retrieval([], 0, gate, list(self._top_by_q)) for _ in examples]
+    def search_memory(self, batch, examples: list[_Example]) -> list[Retrieval]:
+        """One memory search for every example's control-point state, then the gates."""
         keys = torch.stack([batch.last_hidden(ex.row).float() for ex in examples]).numpy()
         # one search for every row at a control point; the memory normalises the queries when
         # its keys are normalised (then sims are cosines); retrieve_same_m: entries of the row's m
@@ -301,7 +268,7 @@ class OnlinePolicy:
         for c, row in zip(p.candidates, p.rows):
             c["probe_token_ids"] = list(batch.tokens(row)[p.start :])
             c["eos"] = batch.finish_reason(row) == FINISH_STOP  # the probe ended the response
-        winner = self._choose(batch, ex, p.step, p.candidates, None, rows=p.rows, base=p.base)
+        winner = self.choose(batch, ex, p.step, p.candidates, None, rows=p.rows, base=p.base)
 
         # keep the winner's row (its probe tokens start the segment); the others are probe cost
         losers = [r for r in p.rows + ([p.base] if p.base is not None else []) if r != winner]
@@ -315,7 +282,7 @@ class OnlinePolicy:
         # the winner continues as an ordinary decoding row
         self._after_decode_step(batch, ex, T)
 
-    def _choose(self, batch, ex: _Example, step: dict, candidates: list[dict], row, rows=None, base=None) -> int:
+    def choose(self, batch, ex: _Example, step: dict, candidates: list[dict], row, rows=None, base=None) -> int:
         """Pick the candidate (:func:`.policy.choose`), record it, and set the winning row's
         steering k_scale·Score·v for the segment (impulse: at the control point). Returns the
         row; with ``base`` (impulse probes) a winning tool's segment restarts from ``base``."""
@@ -325,7 +292,7 @@ class OnlinePolicy:
         chosen = candidates[best]
         winner_row = rows[best] if rows is not None else row
         scale = 0.0 if chosen["tool"] is None else self.cfg.k_scale * chosen["score"]
-        vec = self._vector(chosen["tool"]) if scale != 0.0 else None
+        vec = self.vector(chosen["tool"]) if scale != 0.0 else None
         record_choice(step, candidates, chosen, scale, float((vec * scale).norm()) if vec is not None else 0.0)
         if base is not None and chosen["tool"] is not None:
             # the probes are thrown away (STIR): the segment is generated again from the control point
@@ -333,7 +300,7 @@ class OnlinePolicy:
         if batch.finish_reason(winner_row) is None:  # a probe may have ended the row (EOS / T_max)
             # scale 0 (null, or k_scale = 0): no vector at all, bit-identical to the unsteered model
             if winner_row == base or rows is None or not self.impulse:
-                self._inject(batch, winner_row, vec, scale)
+                self.inject(batch, winner_row, vec, scale)
         return winner_row
 
     # ------------------------------------------------------------------ helpers
@@ -344,7 +311,11 @@ class OnlinePolicy:
         lps = batch.logprobs(row)[start:]
         return float(sum(lps) / len(lps)) if lps else 0.0
 
-    def _vector(self, tool_id: str) -> torch.Tensor:
+    def add_vector(self, tool_id: str, vector: torch.Tensor) -> None:
+        """A vector that is no library tool's (static's Q-weighted mean), under its own id."""
+        self._vectors[tool_id] = vector.detach().float().cpu().reshape(-1)
+
+    def vector(self, tool_id: str) -> torch.Tensor:
         """The tool's vector, float32 CPU, one tensor per tool (scaled by the batch)."""
         v = self._vectors.get(tool_id)
         if v is None:

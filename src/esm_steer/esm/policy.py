@@ -13,10 +13,8 @@ from typing import Any
 
 import torch
 
-from esm_steer.config import ONLINE_METHODS
 from esm_steer.esm.retrieve import GATE_TAU_NULL
 
-VARIANTS = ONLINE_METHODS
 STATIC_VECTORS = ("top", "mean")
 STATIC_MEAN = "mean"  # the chosen "tool" of static with online.static_vector=mean
 CANDIDATE_KEYS = ("tool", "A_hat", "logprob", "score", "probe_token_ids", "eos")  # recorded per candidate

@@ -17,7 +17,7 @@ from esm_steer import runtime
 from esm_steer.engine import require_steering
 from esm_steer.evaluate import case_markdown as cases
 from esm_steer.evaluate import records as R
-from esm_steer.evaluate.methods import generate_records, make_generator
+from esm_steer.evaluate.methods import check_methods, generate_records, make_generator, online_methods
 from esm_steer.evaluate.offline import resolve_artifact_dir
 from esm_steer.io import atomic_write_text
 from esm_steer.runs import Run, RunError
@@ -83,7 +83,8 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         )
     t_max = int(cfg.decode.max_new_tokens)
     methods = list(cfg.eval.methods)
-    require_steering(cfg.model if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
+    check_methods(cfg, keys=("eval.methods",))
+    require_steering(cfg.model if engine is None else engine, online_methods(methods))
     examples_all = runtime.load_examples(cfg, runtime.eval_split(cfg))
     wanted = [str(w) for w in cfg.eval.example_ids]
     full = None
@@ -92,7 +93,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
     examples = pick_examples(examples_all, wanted, full)
 
     artifact_dir = None
-    if any(m in R.ONLINE_METHODS for m in methods):
+    if online_methods(methods):
         artifact_dir = resolve_artifact_dir(cfg, run)
         log.info("offline artifacts (library/, memory/) read from %s", artifact_dir)
     check_no_overlap(artifact_dir, examples, "case")  # never score questions the artifacts were mined on

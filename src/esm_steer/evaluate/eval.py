@@ -34,7 +34,15 @@ from esm_steer.evaluate.best_of import apply_best_of
 from esm_steer.evaluate.case_markdown import write_cases
 from esm_steer.evaluate.diagnostics import write_diagnostics
 from esm_steer.evaluate.figures import accuracy_vs_budget, steering_diagnostics_figure, tokens_histogram
-from esm_steer.evaluate.methods import eval_methods, generate_records, make_generator, method_label, online_cfg_for
+from esm_steer.evaluate.methods import (
+    ESM,
+    eval_methods,
+    generate_records,
+    make_generator,
+    method_label,
+    online_cfg_for,
+    online_methods,
+)
 from esm_steer.evaluate.offline import resolve_artifact_dir
 from esm_steer.evaluate.shared_greedy import shared_greedy_dir, sync_shared_greedy
 from esm_steer.evaluate.stats import TRUNCATION_WARN_RATE, summarize
@@ -51,8 +59,8 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         cfg = run.cfg = apply_best_of(cfg, run)
     t_max = int(cfg.decode.max_new_tokens)
     methods = eval_methods(cfg)
-    require_steering(cfg.model if engine is None else engine, [m for m in methods if m in R.ONLINE_METHODS])
-    if cfg.online.variant != "esm" and "esm" in cfg.eval.methods:
+    require_steering(cfg.model if engine is None else engine, online_methods(methods))
+    if method_label(cfg, ESM) != ESM and ESM in cfg.eval.methods:
         log.info(
             "online.variant=%s: method esm runs that variant (its row is labelled %s)",
             cfg.online.variant,
@@ -60,7 +68,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
         )
 
     artifact_dir = None
-    if any(m in R.ONLINE_METHODS for m in methods):
+    if online_methods(methods):
         artifact_dir = resolve_artifact_dir(cfg, run)
         log.info("offline artifacts (library/, memory/) read from %s", artifact_dir)
         check_online(cfg.online, artifact_dir)

@@ -1,8 +1,8 @@
 """The methods eval and case run, and the resumable generation of their per-example records.
 
-A method is greedy, or an online variant (esm, an ablation, static) run by the one
-:class:`~esm_steer.esm.online.OnlinePolicy`. Records are appended one engine-batch chunk at a
-time, so a killed run resumes where it stopped.
+A method is greedy, or an online strategy registered in :mod:`esm_steer.esm.strategies`
+(esm, an ablation, static) run by the one :class:`~esm_steer.esm.online.OnlinePolicy`.
+Records are appended one engine-batch chunk at a time, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -13,27 +13,46 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from esm_steer import provenance
+from esm_steer.config import BASELINE
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm.library import Library
 from esm_steer.esm.memory import Memory
 from esm_steer.esm.online import OnlinePolicy
+from esm_steer.esm.strategies import strategy_class
 from esm_steer.evaluate import records as R
 from esm_steer.io import JsonlAppender
 from esm_steer.runtime import Failed, generate_with_retry
 
 log = logging.getLogger(__name__)
 
+ESM = "esm"  # the method of eval.methods that runs as (and is labelled) online.variant
+
 
 def method_label(cfg: DictConfig, method: str) -> str:
     """The row a method runs as: ``esm`` runs (and is labelled) ``online.variant``; the others are themselves."""
-    return str(cfg.online.variant) if method == "esm" else method
+    return str(cfg.online.variant) if method == ESM else method
+
+
+def check_methods(cfg: DictConfig, keys: Sequence[str] = ("eval.methods", "eval.ablations")) -> None:
+    """One line naming the key for a method that is neither greedy nor a registered strategy."""
+    strategy_class(str(cfg.online.variant), "online.variant")
+    for key in keys:
+        for m in OmegaConf.select(cfg, key) or []:
+            if not (m == BASELINE and key != "eval.ablations"):
+                strategy_class(str(m), key)
+
+
+def online_methods(methods: Sequence[str]) -> list[str]:
+    """The methods that steer (every one but greedy): they need the artifacts and a steering engine."""
+    return [m for m in methods if m != BASELINE]
 
 
 def eval_methods(cfg: DictConfig) -> list[str]:
     """The methods to run, as row labels (method esm -> online.variant), without repeats."""
+    check_methods(cfg)
     return list(dict.fromkeys(method_label(cfg, m) for m in [*cfg.eval.methods, *cfg.eval.ablations]))
 
 
@@ -68,10 +87,9 @@ def greedy_generate(engine, prompts: Sequence[list[int]], t_max: int) -> list:
 def make_generator(method: str, engine, cfg: DictConfig, artifact_dir: Path | None, cache: dict):
     """(prompts) -> list of results, and the result -> record converter, for one method."""
     t_max = int(cfg.decode.max_new_tokens)
-    if method == "greedy":
+    if method == BASELINE:
         return (lambda prompts: greedy_generate(engine, prompts, t_max)), R.record_from_sample
-    if method not in R.ONLINE_METHODS:
-        raise ValueError(f"unknown eval method {method!r}")
+    strategy_class(method, "eval.methods")
     policy = make_policy(engine, artifact_dir, cfg, method, cache)
     return (lambda prompts: policy.run(list(prompts), max_new_tokens=t_max)), R.record_from_online
 

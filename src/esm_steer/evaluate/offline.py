@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 
 from esm_steer import pipelines
 from esm_steer.esm import artifacts
-from esm_steer.evaluate import records as R
-from esm_steer.evaluate.methods import eval_methods
+from esm_steer.evaluate.methods import eval_methods, online_methods
 from esm_steer.runs import Run, RunError, resolve_run_path
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def resolve_artifact_dir(cfg: DictConfig, run: Run, run_offline: Callable[[], No
         "into this run dir first",
         run.dir,
         " and ".join(missing),
-        ", ".join(m for m in eval_methods(cfg) if m in R.ONLINE_METHODS),
+        ", ".join(online_methods(eval_methods(cfg))),
         " -> ".join(pipelines.ESM_OFFLINE),
     )
     (run_offline or (lambda: pipelines.run_offline(cfg, run)))()

@@ -21,8 +21,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from esm_steer import provenance
-from esm_steer.config import ONLINE_METHODS
+from esm_steer.config import BASELINE
 from esm_steer.esm import artifacts
+from esm_steer.esm.strategies import own_keys
 from esm_steer.io import JsonlAppender
 from esm_steer.runtime import grade
 
@@ -145,7 +146,7 @@ def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) ->
     (the tag names only method and T_max; online.* knobs, model, prompt live here). The steered
     layer matters to the online methods only: greedy records are shared across layers."""
     plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    online = any(m in ONLINE_METHODS for m in methods)
+    online = any(m != BASELINE for m in methods)
     fp = {
         "methods": list(methods),
         "T_max": int(cfg.decode.max_new_tokens),
@@ -158,12 +159,9 @@ def fingerprint(cfg, methods: Sequence[str], artifact_dir: str | Path | None) ->
         "seed": int(cfg.seed),
     }
     if online:
-        # variant: the method names it; static_vector matters to static only
-        fp["online"] = {
-            k: v
-            for k, v in plain(cfg.online).items()
-            if k != "variant" and (k != "static_vector" or "static" in methods)
-        }
+        # variant: the method names it; a strategy's own keys matter to it only (static_vector)
+        foreign = own_keys(exclude=methods)
+        fp["online"] = {k: v for k, v in plain(cfg.online).items() if k != "variant" and k not in foreign}
         fp["control_points"] = plain(cfg.control_points)
         fp["artifact_run_dir"] = str(Path(artifact_dir).resolve()) if artifact_dir else None
     return jsonable(fp)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esm_steer.config import BASELINE, ONLINE_METHODS
+from esm_steer.config import BASELINE
 from esm_steer.evaluate.stats import paired_bootstrap_delta, paired_correct, summarize
 from esm_steer.io import atomic_save
 
@@ -50,17 +50,16 @@ def results_table(
     t_max: int,
     bootstrap_samples: int = 2000,
     seed: int = 0,
-    delta_for: Sequence[str] = ONLINE_METHODS,
 ) -> pd.DataFrame:
-    """One row per method (in order) with TABLE_COLUMNS; rows in ``delta_for`` also get the
-    paired bootstrap CI of accuracy − accuracy(greedy) when greedy ran."""
+    """One row per method (in order) with TABLE_COLUMNS; the steered rows also get the paired
+    bootstrap CI of accuracy − accuracy(greedy) when greedy ran."""
     rows = []
     for m in methods:
         recs = by_method.get(m, [])
         row: dict[str, Any] = {"dataset": dataset, "model": model, "method": m, "T_max": int(t_max)}
         row.update(summarize(recs))
         row.update(delta_vs_greedy=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan)
-        if m in delta_for and m != BASELINE and by_method.get(BASELINE):
+        if m != BASELINE and by_method.get(BASELINE):
             a, b = paired_correct(recs, by_method[BASELINE])
             d, lo, hi = paired_bootstrap_delta(a, b, bootstrap_samples, seed)
             row.update(delta_vs_greedy=d, delta_ci_low=lo, delta_ci_high=hi)
