@@ -280,8 +280,8 @@ def test_run_offline_if_missing_runs_the_stages_into_this_run(tmp_path, fakes, m
 
     monkeypatch.setattr(pipelines, "run_offline", offline)
     cfg = compose_cfg(["eval.run_offline_if_missing=true", "eval.ablations=[no_memory]"])
-    with caplog.at_level("INFO", logger="esm_steer.evaluate"):
-        ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine())
+    with caplog.at_level("INFO", logger="esm_steer"):
+        pipelines.run_stage("eval", cfg, Run(tmp_path, cfg), engine=FakeEngine())  # as esm-eval runs it
     assert ran == [tmp_path]
     said = [r.getMessage() for r in caplog.records if "offline stages" in r.getMessage()]
     assert len(said) == 1  # one line: which stages, into which dir, and why
@@ -289,7 +289,7 @@ def test_run_offline_if_missing_runs_the_stages_into_this_run(tmp_path, fakes, m
     assert "lacks library/ and memory/" in said[0] and "needed by esm, no_memory" in said[0]
     assert "eval.run_offline_if_missing=true" in said[0]
     caplog.clear()
-    ev.run(cfg, Run(tmp_path, cfg), engine=FakeEngine())  # artifacts there now: nothing runs, nothing said
+    pipelines.run_stage("eval", cfg, Run(tmp_path, cfg), engine=FakeEngine())  # artifacts there: nothing runs
     assert ran == [tmp_path] and not [r for r in caplog.records if "offline stages" in r.getMessage()]
 
 
@@ -380,7 +380,7 @@ def test_online_variant_labels_the_esm_row(tmp_path, fakes):
 
 def _tiny_library(engine, prompts, qs=(0.5, 0.3, 0.8), scale=0.3):
     from esm_steer.esm.library import Library, Tool
-    from esm_steer.esm.memory import Memory, l2_normalise
+    from esm_steer.esm.memory_index import Memory, l2_normalise
 
     g = torch.Generator().manual_seed(0)
     last = torch.stack([h[-1] for h in engine.hidden_states(prompts)])

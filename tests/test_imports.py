@@ -181,3 +181,38 @@ def test_imports_inside_functions_only_for_optional_heavy_modules():
         if mod not in LAZY_OK
     )
     assert not lazy, "imports inside functions: " + ", ".join(lazy)
+
+
+# the stage drivers (esm_steer.pipelines.STAGE_FUNCTIONS): only the stage runner composes them
+STAGE_DRIVERS = (
+    "esm_steer.esm.mine",
+    "esm_steer.esm.select",
+    "esm_steer.esm.memory",
+    "esm_steer.evaluate.eval",
+    "esm_steer.evaluate.case",
+    "esm_steer.token2048.pipeline",
+)
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), set()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_no_stage_driver_reaches_another_and_the_runner_imports_them_directly():
+    from esm_steer import pipelines
+
+    g = import_graph()
+    bad = {(s, t) for s in STAGE_DRIVERS for t in reachable(g, s) & set(STAGE_DRIVERS) if t != s}
+    assert not bad, sorted(bad)
+    assert set(STAGE_DRIVERS) <= g["esm_steer.pipelines"]  # an edge the graph sees, not a string
+    assert {f.__module__ for f in pipelines.STAGE_FUNCTIONS.values()} == set(STAGE_DRIVERS)
+
+
+def test_the_method_stages_import_nothing_of_evaluation():
+    bad = upward_imports(import_graph(), ("esm_steer.esm", "esm_steer.token2048"), ("esm_steer.evaluate",))
+    assert not bad, sorted(bad)

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from esm_steer.config import ESMConfig
 from esm_steer.esm.library import Library, Tool
-from esm_steer.esm.memory import Memory, build_memory, run
+from esm_steer.esm.memory import run
+from esm_steer.esm.memory_index import Memory, build_memory
 from esm_steer.runs import Run, RunError
 from modes import with_seed_mode
 

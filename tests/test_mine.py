@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from esm_steer.config import ESMConfig
 from esm_steer.engine.base import EngineInfo, Sample
-from esm_steer.esm.mine import load_candidates, mine
+from esm_steer.esm.artifacts import load_candidates
+from esm_steer.esm.mine import mine
 from esm_steer.io import read_jsonl
 from esm_steer.runs import RunError
 from modes import with_seed_mode

@@ -17,7 +17,7 @@ from esm_steer.config import ControlPointsConfig, OnlineConfig
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.engine.hf import HFDecodeBatch, HFEngine
 from esm_steer.esm.library import Library, Tool
-from esm_steer.esm.memory import Memory, l2_normalise
+from esm_steer.esm.memory_index import Memory, l2_normalise
 from esm_steer.esm.online import OnlinePolicy, OnlineResult, summarize
 from esm_steer.esm.retrieve import a_hat, aggregate
 from modes import seed_mode

@@ -15,7 +15,7 @@ from esm_steer.config import ConfigError, ControlPointsConfig, OnlineConfig, val
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm.candidates import Trace, question_candidates
 from esm_steer.esm.library import Library, Tool
-from esm_steer.esm.memory import Memory, build_memory, check_online, l2_normalise
+from esm_steer.esm.memory_index import Memory, build_memory, check_online, l2_normalise
 from esm_steer.esm.online import OnlinePolicy
 from esm_steer.esm.policy import candidates_of, choose, score
 from esm_steer.esm.retrieve import aggregate

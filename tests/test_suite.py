@@ -235,7 +235,7 @@ import csv, json, os, time
 from pathlib import Path
 from esm_steer.runs import resolve_run_path
 
-def run(cfg, run):
+def run(cfg, run, engine=None):
     start = time.time()
     k = float(cfg.online.k_scale)
     art = resolve_run_path(cfg.eval.artifact_run_dir)
@@ -264,7 +264,9 @@ from esm_steer import cli, pipelines
 @hydra.main(version_base="1.3", config_path={conf!r}, config_name="eval")
 def main(cfg):
     sys.path.insert(0, {stub_dir!r})  # in the worker process too
-    pipelines.STAGE_FUNCTIONS["eval"] = "stub_stage:run"
+    import stub_stage
+
+    pipelines.STAGE_FUNCTIONS["eval"] = stub_stage.run
     cli.run_stage("eval", cfg)
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from esm_steer import runtime
 from esm_steer.config import ControlPointsConfig, ModelConfig, OnlineConfig
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm.library import Library, Tool
-from esm_steer.esm.memory import Memory, build_memory, l2_normalise
+from esm_steer.esm.memory_index import Memory, build_memory, l2_normalise
 from esm_steer.esm.online import OnlinePolicy
 from modes import seed_mode
 from test_vllm_backend import need_vllm

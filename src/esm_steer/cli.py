@@ -25,6 +25,7 @@ from esm_steer.config import ConfigError, ESMConfig, register_configs, validate
 from esm_steer.data.tasks import DataError
 from esm_steer.evaluate.ranking import run_objective
 from esm_steer.launch import prepare_job  # registers esm_n_jobs; claims a GPU per worker
+from esm_steer.pipelines import run_stage as run_pipeline_stage
 from esm_steer.pipelines import stage_function
 from esm_steer.runs import LATEST, RunError, current_output_dir, read_latest, start_run  # registers resolvers
 
@@ -58,9 +59,9 @@ def run_stage(entry: str, cfg: DictConfig) -> float | None:
         _check_latest_dir()
         tracked = tracking.start_stage(cfg, stage)  # logger=mlflow; never raises
         validate(cfg)
-        fn = stage_function(entry, cfg.stage.name)
+        stage_function(entry, cfg.stage.name)  # an unknown stage: one line, before the run dir opens
         run = start_run(cfg, stage=stage)
-        fn(cfg, run)
+        run_pipeline_stage(entry, cfg, run)
         objective = run_objective(run.dir, cfg) if entry == "eval" else None
         tracked.finish(run.dir, objective=objective)
         return objective

@@ -26,6 +26,10 @@ from esm_steer.engine.base import Sample, SamplingSpec, chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
+# a run whose share of finish_reason=length responses exceeds this ends with a warning naming
+# the budget key to raise (eval: decode.max_new_tokens; mine: offline_mine.max_new_tokens)
+TRUNCATION_WARN_RATE = 0.2
+
 
 def build_engine(cfg: DictConfig) -> Engine:
     """The configured backend (HF or vLLM) for cfg.model, seeded with cfg.seed."""

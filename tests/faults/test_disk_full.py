@@ -15,7 +15,7 @@ from fault_lib import esm_cfg
 from esm_steer import provenance
 from esm_steer.esm import memory as memory_stage
 from esm_steer.esm.library import Library, Tool
-from esm_steer.esm.memory import Memory
+from esm_steer.esm.memory_index import Memory
 from esm_steer.io import DiskFullError, JsonlAppender, atomic_write_json, read_jsonl
 from esm_steer.runs import Run
 from esm_steer.token2048 import schema

@@ -1,5 +1,6 @@
 """The ESM pipeline's artifacts: the dirs and files of a run dir, the stage that writes each, and
-the steering-tensor format that ``mine/`` and ``library/`` share (docs/method.md, stages I–III)::
+the steering-tensor format that ``mine/`` and ``library/`` share, and the reader of mine's
+candidates (docs/method.md, stages I–III)::
 
     <run dir>/
       mine/        rollouts.jsonl, meta.json (the sampling fingerprint), candidates.jsonl,
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from esm_steer import provenance
-from esm_steer.io import atomic_save
+from esm_steer.esm.candidates import Candidate
+from esm_steer.io import atomic_save, read_jsonl
 from esm_steer.runs import RunError
 
 # ---------------------------------------------------------------- dirs of a run dir
@@ -107,3 +109,25 @@ def load_steering(root: Path, item_id: str) -> dict[str, torch.Tensor]:
     with provenance.reading(vpath, rebuild):
         vector = torch.load(vpath, map_location="cpu", weights_only=True)
     return {"vector": vector, "key": key, "states": states}
+
+
+def load_candidates(run_dir: str | Path) -> tuple[list[Candidate], dict]:
+    """Candidates written by esm-mine and the mine summary (model id, layer, hidden size),
+    after checking every file against mine/manifest.json."""
+    mine_dir = Path(run_dir) / MINE_DIR
+    jsonl = require(mine_dir / CANDIDATES, MAKER[MINE_DIR])
+    provenance.verify(mine_dir, MAKER[MINE_DIR])
+    summary = provenance.read_json(require(mine_dir / SUMMARY, MAKER[MINE_DIR]))
+    out = [
+        Candidate(
+            question_id=str(r["question_id"]),
+            m=int(r["m"]),
+            Q=float(r["Q"]),
+            n_pos=int(r["n_pos"]),
+            n_neg=int(r["n_neg"]),
+            id=r["id"],
+            **load_steering(mine_dir, r["id"]),
+        )
+        for r in read_jsonl(jsonl)
+    ]
+    return out, summary

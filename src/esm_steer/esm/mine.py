@@ -34,9 +34,9 @@ from esm_steer.esm.candidates import (
     question_candidates,
     reward,
 )
-from esm_steer.evaluate.stats import TRUNCATION_WARN_RATE
-from esm_steer.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
+from esm_steer.io import JsonlAppender, atomic_write_json, atomic_write_jsonl
 from esm_steer.runs import write_latest
+from esm_steer.runtime import TRUNCATION_WARN_RATE
 from esm_steer.seeds import derive_seed
 from esm_steer.splits import write_mined_questions
 
@@ -203,28 +203,6 @@ def write_candidates(mine_dir: Path, cands: Sequence[Candidate]) -> None:
         artifacts.save_steering(mine_dir, c.id, c.vector, c.key, c.states)
     artifacts.prune_steering(mine_dir, {c.id for c in cands})
     atomic_write_jsonl(mine_dir / artifacts.CANDIDATES, [c.record() for c in cands])
-
-
-def load_candidates(run_dir: str | Path) -> tuple[list[Candidate], dict]:
-    """Candidates written by esm-mine and the mine summary (model id, layer, hidden size),
-    after checking every file against mine/manifest.json."""
-    mine_dir = Path(run_dir) / artifacts.MINE_DIR
-    jsonl = artifacts.require(mine_dir / artifacts.CANDIDATES, STAGE)
-    provenance.verify(mine_dir, STAGE)
-    summary = provenance.read_json(artifacts.require(mine_dir / artifacts.SUMMARY, STAGE))
-    out = [
-        Candidate(
-            question_id=str(r["question_id"]),
-            m=int(r["m"]),
-            Q=float(r["Q"]),
-            n_pos=int(r["n_pos"]),
-            n_neg=int(r["n_neg"]),
-            id=r["id"],
-            **artifacts.load_steering(mine_dir, r["id"]),
-        )
-        for r in read_jsonl(jsonl)
-    ]
-    return out, summary
 
 
 # ---------------------------------------------------------------- the stage

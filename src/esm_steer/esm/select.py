@@ -31,7 +31,6 @@ from omegaconf import DictConfig
 from esm_steer.esm import artifacts
 from esm_steer.esm.candidates import Candidate
 from esm_steer.esm.library import Library, Tool, now_iso, tool_id
-from esm_steer.esm.mine import load_candidates
 from esm_steer.runs import RunError, write_latest
 
 log = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ def build_library(cands: Sequence[Candidate], chosen: Sequence[int], meta: dict)
 def run(cfg: DictConfig, run, engine=None) -> None:
     """esm-select (no model: ``engine`` is accepted for the one stage signature and unused)."""
     sc = cfg.offline_select
-    cands, mine_summary = load_candidates(run.dir)
+    cands, mine_summary = artifacts.load_candidates(run.dir)
     if not cands:
         path = run.path(artifacts.MINE_DIR, artifacts.CANDIDATES)
         raise RunError(

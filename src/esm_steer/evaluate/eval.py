@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from esm_steer import runtime
 from esm_steer.engine import require_steering
 from esm_steer.esm import artifacts
-from esm_steer.esm.memory import check_online
+from esm_steer.esm.memory_index import check_online
 from esm_steer.evaluate import records as R
 from esm_steer.evaluate import report
 from esm_steer.evaluate.best_of import apply_best_of
@@ -45,9 +45,10 @@ from esm_steer.evaluate.methods import (
 )
 from esm_steer.evaluate.offline import resolve_artifact_dir
 from esm_steer.evaluate.shared_greedy import shared_greedy_dir, sync_shared_greedy
-from esm_steer.evaluate.stats import TRUNCATION_WARN_RATE, summarize
+from esm_steer.evaluate.stats import summarize
 from esm_steer.io import atomic_write_json
 from esm_steer.runs import Run, RunError
+from esm_steer.runtime import TRUNCATION_WARN_RATE
 from esm_steer.splits import check_no_overlap
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from esm_steer import provenance
 from esm_steer.config import BASELINE
 from esm_steer.engine.base import SamplingSpec
 from esm_steer.esm.library import Library
-from esm_steer.esm.memory import Memory
+from esm_steer.esm.memory_index import Memory
 from esm_steer.esm.online import OnlinePolicy
 from esm_steer.esm.strategies import strategy_class
 from esm_steer.evaluate import records as R

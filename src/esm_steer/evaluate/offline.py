@@ -1,18 +1,17 @@
 """Where eval and case find the offline artifacts (library/ and memory/), read in place.
 
 From ``eval.artifact_run_dir`` (a sweep over one mined library), else this run dir; with
-neither, the offline stages run into this run dir when ``eval.run_offline_if_missing``.
+neither, the stage runner (:func:`esm_steer.pipelines.run_stage`) runs the offline stages into
+this run dir first when ``eval.run_offline_if_missing`` (:func:`offline_stages_due` says when).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from esm_steer import pipelines
 from esm_steer.esm import artifacts
 from esm_steer.evaluate.methods import eval_methods, online_methods
 from esm_steer.runs import Run, RunError, resolve_run_path
@@ -53,29 +52,28 @@ def _given_dir(given: str, root_dir: str) -> Path:
     raise RunError(str(err) if err else f"eval.artifact_run_dir={given} does not resolve")
 
 
-def resolve_artifact_dir(cfg: DictConfig, run: Run, run_offline: Callable[[], None] | None = None) -> Path:
-    """The dir holding library/ and memory/: eval.artifact_run_dir, else this run dir; with
-    neither, run the offline stages here when eval.run_offline_if_missing, else RunError."""
+def offline_stages_due(cfg: DictConfig, run: Run, entry: str = "eval") -> str | None:
+    """Why the offline stages must run into this run dir before esm-<entry> (eval or case), as
+    one line for the log, or None: steered methods asked for, no eval.artifact_run_dir, the run
+    dir lacks library/ or memory/, and eval.run_offline_if_missing."""
+    methods = online_methods(eval_methods(cfg) if entry == "eval" else list(cfg.eval.methods))
+    if not methods or cfg.eval.artifact_run_dir or has_artifacts(run.dir) or not cfg.eval.run_offline_if_missing:
+        return None
+    missing = [f"{d}/" for d in ARTIFACT_DIRS if not ((run.dir / d).is_dir() and any((run.dir / d).iterdir()))]
+    return (
+        f"eval.run_offline_if_missing=true and {run.dir} lacks {' and '.join(missing)} (needed by {', '.join(methods)})"
+    )
+
+
+def resolve_artifact_dir(cfg: DictConfig, run: Run) -> Path:
+    """The dir holding library/ and memory/: eval.artifact_run_dir, else this run dir (where the
+    stage runner put them when eval.run_offline_if_missing), else RunError."""
     if cfg.eval.artifact_run_dir:
         return _given_dir(str(cfg.eval.artifact_run_dir), str(cfg.outputs.root_dir))
     if has_artifacts(run.dir):
         return run.dir
-    if not cfg.eval.run_offline_if_missing:
-        raise RunError(
-            f"no library/ and memory/ in {run.dir}: run `esm-mine ... && esm-select ... outputs.run_id=latest && "
-            f"esm-memory ... outputs.run_id=latest` first, or set eval.artifact_run_dir=outputs/<run_name>/latest or "
-            f"eval.run_offline_if_missing=true (greedy alone needs none: 'eval.methods=[greedy]' 'eval.ablations=[]')"
-        )
-    missing = [f"{d}/" for d in ARTIFACT_DIRS if not ((run.dir / d).is_dir() and any((run.dir / d).iterdir()))]
-    log.info(
-        "eval.run_offline_if_missing=true and %s lacks %s (needed by %s): running the offline stages %s "
-        "into this run dir first",
-        run.dir,
-        " and ".join(missing),
-        ", ".join(online_methods(eval_methods(cfg))),
-        " -> ".join(pipelines.ESM_OFFLINE),
+    raise RunError(
+        f"no library/ and memory/ in {run.dir}: run `esm-mine ... && esm-select ... outputs.run_id=latest && "
+        f"esm-memory ... outputs.run_id=latest` first, or set eval.artifact_run_dir=outputs/<run_name>/latest or "
+        f"eval.run_offline_if_missing=true (greedy alone needs none: 'eval.methods=[greedy]' 'eval.ablations=[]')"
     )
-    (run_offline or (lambda: pipelines.run_offline(cfg, run)))()
-    if not has_artifacts(run.dir):
-        raise RunError(f"the offline stages ran but {run.dir} still lacks library/ or memory/")
-    return run.dir

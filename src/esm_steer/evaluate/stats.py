@@ -12,9 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# a run whose share of finish_reason=length responses exceeds this ends with a warning naming
-# the budget key to raise (eval: decode.max_new_tokens; mine: offline_mine.max_new_tokens)
-TRUNCATION_WARN_RATE = 0.2
 Z95 = 1.959963984540054
 
 

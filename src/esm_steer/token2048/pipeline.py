@@ -19,7 +19,6 @@ from pathlib import Path
 
 from esm_steer import runtime
 from esm_steer.engine.loading import load_tokenizer, model_path
-from esm_steer.pipelines import TOKEN2048 as STAGES
 from esm_steer.runs import RunError, resolve_run_path
 from esm_steer.token2048.continue_ import run_continue
 from esm_steer.token2048.prepare import run_prepare
@@ -27,6 +26,9 @@ from esm_steer.token2048.sample import run_sample
 from esm_steer.token2048.select import run_select
 
 log = logging.getLogger(__name__)
+
+# token-2048 best thinking: stage 1..4, each resumable from its parquet
+STAGES = ("sample", "prepare", "continue", "select")
 
 
 class _Lazy:
