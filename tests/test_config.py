@@ -186,7 +186,6 @@ def test_experiment_overrides_groups():
         ("offline_select.B=2", "offline_select.B"),  # B >= min_per_control_point * M
         ("offline_select.method=greedy", "offline_select.method"),
         ("online.min_sim=2", "online.min_sim"),
-        ("model.backend=tgi", "model.backend"),
         ("model.vllm_hidden_states=hook", "model.vllm_hidden_states"),
         ("model.vllm_hidden_states=capture", "model.vllm_hidden_states"),  # compiled: the hook cannot run
         ("token2048.shard_index=3", "token2048.shard_index"),
@@ -198,6 +197,13 @@ def test_semantic_checks_name_the_key(override, key):
         validate(cfg)
     msg = str(e.value)
     assert msg.startswith(key + "=") and "\n" not in msg
+
+
+def test_an_unregistered_backend_is_one_line_listing_the_engines():
+    from esm_steer.engine.registry import engine_class
+
+    with pytest.raises(ConfigError, match=r"^model.backend='tgi' is not a registered engine: one of hf, vllm$"):
+        engine_class(_compose("eval", ["model.backend=tgi"]).model.backend)
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -216,6 +222,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["experiment=no_such_preset"], "unknown experiment 'no_such_preset' (options: debug,"),
         (["--cfg", "job", "experiment=stir_mth"], "unknown experiment 'stir_mth' (options: debug,"),
         (["task=gsm9k"], "unknown task 'gsm9k' (options: aime_2024, arc-c, arith,"),
+        (["model.backend=tgi"], "model.backend='tgi' is not a registered engine: one of hf, vllm"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, needle):

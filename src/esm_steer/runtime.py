@@ -23,6 +23,7 @@ from esm_steer.data.tasks import LOAD_KEYS, SYNTHETIC, Example, kind_for_task
 from esm_steer.data.tasks import load_split as load_task_split
 from esm_steer.engine import Engine, load_engine
 from esm_steer.engine.base import Sample, SamplingSpec, chat_prompt_ids
+from esm_steer.engine.registry import engine_class
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,5 @@ def generate_samples(
 
 
 def group_size(cfg: DictConfig, n: int) -> int:
-    """Prompts per engine call when each draws ``n`` samples. vLLM schedules everything itself:
-    give it the whole chunk. HF decodes prompts × n rows at once: keep that near model.batch_size."""
-    if cfg.model.backend == "vllm":
-        return 1 << 30
-    return max(1, int(cfg.model.batch_size) // n)
+    """Prompts per engine call when each draws ``n`` samples: the backend's own rule."""
+    return engine_class(str(cfg.model.backend)).prompts_per_call(cfg.model, n)

@@ -1,15 +1,16 @@
 """Generation engines: the backend-independent interface, the HF backend, and vLLM (lazy).
 
 ``load_engine(cfg.model, seed)`` is what stages call; see :mod:`esm_steer.engine.base` for
-the ``Engine`` and ``DecodeBatch`` protocols.
+the ``Engine`` and ``DecodeBatch`` protocols, and :mod:`esm_steer.engine.registry` for how a
+backend registers under its ``model.backend`` name with its capabilities.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 
 from esm_steer.config import ConfigError
+from esm_steer.engine import vllm_backend  # noqa: F401 - registers "vllm"; imports vllm only when it builds one
 from esm_steer.engine.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -21,20 +22,14 @@ from esm_steer.engine.base import (
 )
 from esm_steer.engine.base import VLLM_MISSING as VLLM_MISSING
 from esm_steer.engine.hf import HFEngine
-from esm_steer.engine.vllm_backend import VLLMEngine  # imports vllm only when it builds an engine
+from esm_steer.engine.registry import ENGINES, engine_class
 
 
 def load_engine(model_cfg, seed: int = 0) -> Engine:
     """The engine named by ``model_cfg.backend`` (a ModelConfig or a DictConfig with its fields)."""
-    backend = str(getattr(model_cfg, "backend", "hf") or "hf")
-    if backend == "hf":
-        return HFEngine.from_config(model_cfg, seed=seed)
-    if backend == "vllm":
-        # find_spec, not import: vLLM reads its environment at import (set by from_config)
-        if importlib.util.find_spec("vllm") is None:
-            raise ImportError(VLLM_MISSING)
-        return VLLMEngine.from_config(model_cfg, seed=seed)
-    raise ValueError(f"model.backend={backend} must be hf or vllm")
+    cls = engine_class(str(getattr(model_cfg, "backend", None) or HFEngine.backend_name))
+    cls.check_available()
+    return cls.from_config(model_cfg, seed=seed)
 
 
 def supports_steering(target) -> bool:
@@ -42,9 +37,9 @@ def supports_steering(target) -> bool:
     decoding (``engine.start``: the online ESM policy and its ablations). vLLM does in eager
     mode only (``model.enforce_eager=true``): compiled vLLM ignores the steering hook."""
     if isinstance(target, str):
-        return target in ("hf", "vllm")
+        return engine_class(target).steers(None)
     if hasattr(target, "backend"):  # a model config
-        return str(target.backend) == "hf" or (str(target.backend) == "vllm" and bool(target.enforce_eager))
+        return engine_class(str(target.backend)).steers(target)
     return bool(target.supports_steering)
 
 
@@ -55,7 +50,7 @@ def require_steering(target, methods: Sequence[str]) -> None:
     if not methods or supports_steering(target):
         return
     backend = target if isinstance(target, str) else getattr(target, "backend", None) or target.info.backend
-    fix = " in eager mode only: add model.enforce_eager=true" if backend == "vllm" else ": use model.backend=hf"
+    fix = getattr(ENGINES.get(str(backend)), "steering_hint", "") or f": use model.backend={HFEngine.backend_name}"
     raise ConfigError(
         f"method {', '.join(methods)} needs steered step-level decoding, which model.backend={backend} runs{fix}, "
         f"or keep only greedy (eval.methods=[greedy] eval.ablations=[])"

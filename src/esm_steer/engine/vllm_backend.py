@@ -37,6 +37,7 @@ the HF backend:
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -60,6 +61,7 @@ from esm_steer.engine.base import (
 from esm_steer.engine.hf import HFEngine
 from esm_steer.engine.loading import default_cache_dir, load_tokenizer, model_path
 from esm_steer.engine.precision import engine_dtype
+from esm_steer.engine.registry import register_engine
 from esm_steer.engine.vllm_batch import VLLMDecodeBatch
 from esm_steer.engine.vllm_steer import EXTENSION as STEER_EXTENSION
 from esm_steer.engine.vllm_steer import token_logprob
@@ -81,10 +83,27 @@ def _set_vllm_env(cache_dir: str | None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
+@register_engine("vllm")
 class VLLMEngine(ChatEncoding):
     """vLLM backend (implements ``base.Engine``, ``start`` included)."""
 
     supports_steering = True  # start() -> VLLMDecodeBatch; per instance: eager mode only
+    steering_hint = " in eager mode only: add model.enforce_eager=true"
+
+    @classmethod
+    def steers(cls, model_cfg=None) -> bool:
+        """The steering hook runs in eager mode only (compiled vLLM ignores it)."""
+        return model_cfg is None or bool(getattr(model_cfg, "enforce_eager", True))
+
+    @classmethod
+    def prompts_per_call(cls, model_cfg, n: int) -> int:
+        return 1 << 30  # vLLM schedules everything itself: give it the whole chunk
+
+    @classmethod
+    def check_available(cls) -> None:
+        # find_spec, not import: vLLM reads its environment at import (set by from_config)
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError(VLLM_MISSING)
 
     def __init__(
         self,
@@ -108,8 +127,7 @@ class VLLMEngine(ChatEncoding):
         self.batch_size = int(getattr(model_cfg, "batch_size", ModelConfig.batch_size))  # online policy chunk
         self.steer_installed = False
         self._capture_calls = 0
-        # the steering hook runs in eager mode only (compiled vLLM ignores it)
-        self.supports_steering = model_cfg is None or bool(getattr(model_cfg, "enforce_eager", True))
+        self.supports_steering = self.steers(model_cfg)
 
     @classmethod
     def from_config(cls, model_cfg, seed: int = 0, **llm_kwargs) -> VLLMEngine:

@@ -282,7 +282,7 @@ def mine(
         "dtype": info.dtype,  # the engine's resolved dtype: later stages refuse another
         "backend": info.backend,
         # on vLLM the states come from its layer-ℓ hook or a HF copy (model.vllm_hidden_states)
-        "hidden_states": engine.hidden_states_source() if info.backend == "vllm" else "hf",
+        "hidden_states": engine.hidden_states_source(),
         "K": int(cfg.offline_mine.K),
         "M": int(cfg.control_points.M),
         "pos_source": str(cfg.offline_mine.pos_source),

@@ -17,6 +17,7 @@ from esm_steer.engine.hf.state import _HookContext
 from esm_steer.engine.loading import load_tokenizer, model_path
 from esm_steer.engine.precision import DTYPES as DTYPES  # re-exported by engine.hf
 from esm_steer.engine.precision import engine_dtype, resolve_device, slowdown_note
+from esm_steer.engine.registry import register_engine
 from esm_steer.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,28 @@ class _StopForward(Exception):
     """Raised by a capture hook to skip the layers after the one we need."""
 
 
+@register_engine("hf")
 class HFEngine(ChatEncoding):
     """transformers backend (implements ``base.Engine``); CPU or GPU."""
 
     supports_steering = True
+    steering_hint = ""  # it always steers
+
+    @classmethod
+    def steers(cls, model_cfg=None) -> bool:
+        return True
+
+    @classmethod
+    def prompts_per_call(cls, model_cfg, n: int) -> int:
+        """prompts × n rows decode at once: keep that near model.batch_size."""
+        return max(1, int(getattr(model_cfg, "batch_size", ModelConfig.batch_size)) // n)
+
+    @classmethod
+    def check_available(cls) -> None:
+        return None  # transformers is a dependency
+
+    def hidden_states_source(self) -> str:
+        return "hf"  # teacher-forced forward passes of this model
 
     def __init__(
         self,
