@@ -154,7 +154,7 @@ class VLLMEngine(ChatEncoding):
             hidden_size=int(hf_cfg.hidden_size),
             steer_layer=num_layers // 2 if steer is None else int(steer),
             dtype=dtype.name,
-            backend="vllm",
+            backend=cls.backend_name,
         )
         memory = vllm_memory.gpu_memory_fraction(model_cfg, path, hf_cfg, info.dtype)
         if eager:

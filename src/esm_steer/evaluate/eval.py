@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from esm_steer import runtime
+from esm_steer.config import BASELINE
 from esm_steer.engine import require_steering
 from esm_steer.esm import artifacts
 from esm_steer.esm.memory_index import check_online
@@ -118,7 +119,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
                 int(cfg.model.batch_size),
                 desc=f"eval {method}",
             )
-            if method == "greedy" and shared is not None:  # into the shared store, under its lock
+            if method == BASELINE and shared is not None:  # into the shared store, under its lock
                 wall = sync_shared_greedy(shared, R.fingerprint(cfg, ["greedy"], None), appender, ids, gen)
             else:
                 wall = gen(appender)
@@ -134,7 +135,7 @@ def run(cfg: DictConfig, run: Run, engine=None) -> dict:
                 "n": len(by_method[method]),
                 "artifact_run_dir": str(artifact_dir) if method != "greedy" else None,
                 "online": OmegaConf.to_container(online_cfg_for(cfg, method)) if method != "greedy" else None,
-                "shared_greedy_dir": str(shared) if method == "greedy" and shared is not None else None,
+                "shared_greedy_dir": str(shared) if method == BASELINE and shared is not None else None,
                 "wall_s_this_invocation": wall,
                 "wall_s_total": sum(r.get("wall_s", 0.0) for r in by_method[method]),
             },
@@ -224,7 +225,7 @@ def write_reports(
     main_methods = [m for m in dict.fromkeys(method_label(cfg, m) for m in cfg.eval.methods) if m in by_method]
     main = report.results_table(by_method, main_methods, **common_args)
     if mined_overlap:
-        main["mined_overlap"] = [0 if m == "greedy" else int(mined_overlap) for m in main["method"]]
+        main["mined_overlap"] = [0 if m == BASELINE else int(mined_overlap) for m in main["method"]]
     report.write_csv(main, run.path(artifacts.TABLES_DIR, artifacts.MAIN_TABLE))
     abl = None
     if cfg.eval.ablations:

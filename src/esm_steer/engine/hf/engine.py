@@ -100,7 +100,7 @@ class HFEngine(ChatEncoding):
             hidden_size=self.hidden_size,
             steer_layer=self.steer_layer,
             dtype=str(self.dtype).removeprefix("torch."),
-            backend="hf",
+            backend=self.backend_name,
         )
         # transformers 5.24 renamed forward(past_key_values=) to cache= (the old name warns)
         params = inspect.signature(model.forward).parameters
