@@ -52,16 +52,16 @@ def test_missing_vllm_error_is_one_line():
 
 def test_eos_dropped_like_hf_backend(tokenizer):
     eng = _engine(tokenizer)
-    s = eng._to_sample(_completion([5, 6, 2], "stop"), num_prompt_tokens=4)
+    s = eng.to_sample(_completion([5, 6, 2], "stop"), num_prompt_tokens=4)
     assert s.token_ids == [5, 6] and s.logprobs == [-0.5, -1.0] and s.finish_reason == FINISH_STOP
     assert s.num_prompt_tokens == 4
 
 
 def test_stop_string_keeps_completing_token(tokenizer):
     eng = _engine(tokenizer)
-    s = eng._to_sample(_completion([5, 2], "stop", stop_reason="\n\n"), num_prompt_tokens=1)
+    s = eng.to_sample(_completion([5, 2], "stop", stop_reason="\n\n"), num_prompt_tokens=1)
     assert s.token_ids == [5, 2]  # token 2 completed the stop string here, it is not EOS
-    s = eng._to_sample(_completion([5, 6], "length"), num_prompt_tokens=1)
+    s = eng.to_sample(_completion([5, 6], "length"), num_prompt_tokens=1)
     assert s.finish_reason == FINISH_LENGTH and s.token_ids == [5, 6]
 
 

@@ -201,7 +201,8 @@ class VLLMEngine(ChatEncoding):
 
     # ------------------------------------------------------------------ generation
 
-    def _sampling_params(self, spec: SamplingSpec, n: int):
+    def sampling_params(self, spec: SamplingSpec, n: int):
+        """vLLM's SamplingParams for ``spec`` with ``n`` samples per request (also the steered path's)."""
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -231,18 +232,19 @@ class VLLMEngine(ChatEncoding):
             return [[Sample([], "", [], FINISH_LENGTH, len(p)) for _ in range(max(spec.n, 0))] for p in prompts]
         # greedy samples are identical: one sequence, copied
         n_req = 1 if spec.greedy else spec.n
-        params = self._sampling_params(spec, n_req)
+        params = self.sampling_params(spec, n_req)
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for p, out in zip(prompts, outputs):
-            samples = [self._to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
+            samples = [self.to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
             if n_req != spec.n:
                 samples = [samples[0].copy() for _ in range(spec.n)]
             results.append(samples)
         return results
 
-    def _to_sample(self, completion, num_prompt_tokens: int) -> Sample:
+    def to_sample(self, completion, num_prompt_tokens: int) -> Sample:
+        """One vLLM completion as a :class:`Sample` (also the steered path's)."""
         ids = [int(t) for t in completion.token_ids]
         lps = [token_logprob(entry, t) for entry, t in zip(completion.logprobs or [], ids)]
         reason = completion.finish_reason

@@ -335,7 +335,7 @@ def steered_generate(engine, prompts: Sequence[list[int]], ranges: Sequence[Sequ
     n_req = 1 if spec.greedy else spec.n
     params, requests = [], []
     for p, rs in zip(prompts, ranges):
-        sp = engine._sampling_params(spec, n_req)
+        sp = engine.sampling_params(spec, n_req)
         extra = steer_args(rs, int(engine.info.hidden_size))
         if extra:
             sp.extra_args = {**(sp.extra_args or {}), **extra}
@@ -344,6 +344,6 @@ def steered_generate(engine, prompts: Sequence[list[int]], ranges: Sequence[Sequ
     outputs = engine.llm.generate(requests, params, use_tqdm=False)
     results = []
     for p, out in zip(prompts, outputs):
-        samples = [engine._to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
+        samples = [engine.to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
         results.append(samples if n_req == spec.n else [samples[0].copy() for _ in range(spec.n)])
     return results

@@ -97,8 +97,7 @@ class HFDecodeBatch(RowAccess):
         """Run the rows' new tokens through the model; update logits and captured hidden.
         ``steer``: [B, hidden] for this forward instead of the rows' own steering."""
         ctx = _HookContext(self._steer_matrix() if steer is None else steer)
-        self.engine._hook_ctx = ctx
-        try:
+        with self.engine.steering(ctx):
             out = self.engine.model(
                 input_ids=input_ids,
                 attention_mask=self._mask,
@@ -107,8 +106,6 @@ class HFDecodeBatch(RowAccess):
                 use_cache=True,
                 logits_to_keep=1,
             )
-        finally:
-            self.engine._hook_ctx = None
         self._new_logits = out.logits[:, -1, :].float()
         self._new_hidden = ctx.captured
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -148,6 +149,16 @@ class HFEngine(ChatEncoding):
 
     # ------------------------------------------------------------------ the layer-ℓ hook
 
+    @contextmanager
+    def steering(self, ctx: _HookContext) -> Iterator[_HookContext]:
+        """The layer-ℓ hook adds ``ctx.steer`` and records ``ctx.captured`` during this block's
+        forward passes (a batch's forward), and nothing outside it."""
+        self._hook_ctx = ctx
+        try:
+            yield ctx
+        finally:
+            self._hook_ctx = None
+
     def _steer_hook(self, module, args, output):
         ctx = self._hook_ctx
         if ctx is None:
@@ -235,9 +246,9 @@ class HFEngine(ChatEncoding):
                 for r in batch.active_rows():
                     if batch.at_control_point(r):
                         on_control_point(batch, r)
-        return [[self._to_sample(batch, r, spec.stop) for r in rs] for rs in rows]
+        return [[self.to_sample(batch, r, spec.stop) for r in rs] for rs in rows]
 
-    def _to_sample(self, batch: HFDecodeBatch, row: int, stop: Sequence[str]) -> Sample:
+    def to_sample(self, batch: HFDecodeBatch, row: int, stop: Sequence[str]) -> Sample:
         tokens = list(batch.tokens(row))
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cuts = [text.find(s) for s in stop if s and s in text]
