@@ -35,6 +35,21 @@ class SamplingSpec:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def decoded(self) -> int:
+        """Sequences to decode per prompt: greedy samples are all equal, so one, copied."""
+        return 1 if self.greedy else self.n
+
+    def empty(self, prompts: Sequence[Sequence[int]]) -> list[list[Sample]] | None:
+        """The result of a spec that generates nothing (no tokens or n = 0), else None."""
+        if self.max_new_tokens > 0 and self.n > 0:
+            return None
+        return [[Sample([], "", [], FINISH_LENGTH, len(p)) for _ in range(max(self.n, 0))] for p in prompts]
+
+    def fill(self, samples: list[Sample]) -> list[Sample]:
+        """A prompt's decoded samples as the n it asked for (copies of the one greedy sample)."""
+        return samples if len(samples) == self.n else [samples[0].copy() for _ in range(self.n)]
+
 
 @dataclass
 class Sample:

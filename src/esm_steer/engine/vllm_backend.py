@@ -228,19 +228,16 @@ class VLLMEngine(ChatEncoding):
             self._warned_seed = True
         if not prompts:
             return []
-        if spec.max_new_tokens <= 0 or spec.n <= 0:
-            return [[Sample([], "", [], FINISH_LENGTH, len(p)) for _ in range(max(spec.n, 0))] for p in prompts]
-        # greedy samples are identical: one sequence, copied
-        n_req = 1 if spec.greedy else spec.n
+        empty = spec.empty(prompts)
+        if empty is not None:
+            return empty
+        n_req = spec.decoded
         params = self.sampling_params(spec, n_req)
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for p, out in zip(prompts, outputs):
-            samples = [self.to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
-            if n_req != spec.n:
-                samples = [samples[0].copy() for _ in range(spec.n)]
-            results.append(samples)
+            results.append(spec.fill([self.to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]))
         return results
 
     def to_sample(self, completion, num_prompt_tokens: int) -> Sample:

@@ -332,7 +332,7 @@ def steered_generate(engine, prompts: Sequence[list[int]], ranges: Sequence[Sequ
         raise ValueError(f"{len(prompts)} prompts but {len(ranges)} range lists")
     if not getattr(engine, "steer_installed", False):
         install(engine)
-    n_req = 1 if spec.greedy else spec.n
+    n_req = spec.decoded
     params, requests = [], []
     for p, rs in zip(prompts, ranges):
         sp = engine.sampling_params(spec, n_req)
@@ -344,6 +344,5 @@ def steered_generate(engine, prompts: Sequence[list[int]], ranges: Sequence[Sequ
     outputs = engine.llm.generate(requests, params, use_tqdm=False)
     results = []
     for p, out in zip(prompts, outputs):
-        samples = [engine.to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]
-        results.append(samples if n_req == spec.n else [samples[0].copy() for _ in range(spec.n)])
+        results.append(spec.fill([engine.to_sample(c, len(p)) for c in sorted(out.outputs, key=lambda c: c.index)]))
     return results

@@ -212,13 +212,12 @@ class HFEngine(ChatEncoding):
         pseeds = list(prompt_seeds) if prompt_seeds is not None else [derive_seed(base, i) for i in range(len(prompts))]
         if len(pseeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(pseeds)} prompt_seeds")
+        empty = spec.empty(prompts)
+        if empty is not None:
+            return empty
         results: list[list[Sample]] = [[] for _ in prompts]
-        if spec.max_new_tokens <= 0 or spec.n <= 0:
-            for i, p in enumerate(prompts):
-                results[i] = [Sample([], "", [], FINISH_LENGTH, len(p)) for _ in range(max(spec.n, 0))]
-            return results
         # greedy samples are all equal: decode one and copy it (unless a callback may steer)
-        n_decode = 1 if spec.greedy and on_control_point is None else spec.n
+        n_decode = spec.decoded if on_control_point is None else spec.n
         per_chunk = max(1, self.batch_size // n_decode)
         for lo in range(0, len(prompts), per_chunk):
             idx = list(range(lo, min(lo + per_chunk, len(prompts))))
@@ -226,7 +225,7 @@ class HFEngine(ChatEncoding):
                 [prompts[i] for i in idx], [pseeds[i] for i in idx], spec, n_decode, segment_delimiter, on_control_point
             )
             for i, s in zip(idx, samples):
-                results[i] = s if n_decode == spec.n else [s[0].copy() for _ in range(spec.n)]
+                results[i] = spec.fill(s)
         return results
 
     def _generate_chunk(self, prompts, pseeds, spec, n, segment_delimiter, on_control_point):
