@@ -3,13 +3,15 @@ esm-eval CLI on the tiny model, and the one-line errors for names that are not r
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from esm_steer import cli, runtime
+import esm_steer
 from esm_steer.config import ConfigError
 from esm_steer.esm import memory as memory_stage
 from esm_steer.esm import select as select_stage
@@ -21,9 +23,7 @@ from esm_steer.runs import Run
 sys.path.insert(0, str(Path(__file__).parent / "faults"))
 from fault_lib import ESM_OVERRIDES, esm_cfg, run_mine, tiny_engine  # noqa: E402
 
-import toy_strategy  # noqa: E402, F401 - registers first_retrieved
-
-CONF = Path(cli.__file__).parent / "conf"
+CONF = Path(esm_steer.__file__).parent / "conf"
 
 
 def test_every_builtin_strategy_has_its_online_yaml():
@@ -57,15 +57,33 @@ def run_dir(tmp_path_factory, engine) -> Path:
     return run_dir
 
 
-def _esm_eval(run_dir: Path, engine, monkeypatch, *args: str) -> None:
-    monkeypatch.setattr(runtime, "build_engine", lambda cfg: engine)
+# esm-eval's main in a child process (Hydra configures logging for the process it runs in), with
+# the toy strategy imported and the tiny model as the engine
+CHILD = """
+import sys
+sys.path[:0] = [{tests!r}, {faults!r}]
+import toy_strategy  # registers first_retrieved, as an entry point would
+from fault_lib import tiny_engine
+from esm_steer import cli, runtime
+
+engine = tiny_engine()
+runtime.build_engine = lambda cfg: engine
+sys.argv = ["esm-eval", *{argv!r}]
+cli.eval_()
+"""
+
+
+def _esm_eval(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    tests = Path(__file__).parent
     argv = [*ESM_OVERRIDES, f"outputs.root_dir={run_dir.parent.parent}", "outputs.run_id=run1", *args]
-    monkeypatch.setattr(sys, "argv", ["esm-eval", *argv])
-    cli.eval_()
+    code = CHILD.format(tests=str(tests), faults=str(tests / "faults"), argv=argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_a_toy_strategy_runs_through_the_esm_eval_cli(run_dir, engine, monkeypatch):
-    _esm_eval(run_dir, engine, monkeypatch, "eval.methods=[greedy,first_retrieved]")
+def test_a_toy_strategy_runs_through_the_esm_eval_cli(run_dir):
+    r = _esm_eval(run_dir, "eval.methods=[greedy,first_retrieved]")
+    assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_csv(run_dir / "tables" / "main_results_single.csv")
     assert list(table["method"]) == ["greedy", "first_retrieved"]
     recs = read_jsonl(R.per_example_path(run_dir, R.method_tag("first_retrieved", 10)))
@@ -77,12 +95,11 @@ def test_a_toy_strategy_runs_through_the_esm_eval_cli(run_dir, engine, monkeypat
     assert all(r["probe_tokens_used"] == 0 for r in recs)
 
 
-def test_an_unregistered_method_stops_the_cli_in_one_line(run_dir, engine, monkeypatch, capsys):
-    with pytest.raises(SystemExit) as e:
-        _esm_eval(run_dir, engine, monkeypatch, "eval.methods=[greedy,nope]")
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("esm-eval: eval.methods: unknown online strategy 'nope'") and "\n" not in err
+def test_an_unregistered_method_stops_the_cli_in_one_line(run_dir):
+    r = _esm_eval(run_dir, "eval.methods=[greedy,nope]")
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert err.startswith("esm-eval: eval.methods: unknown online strategy 'nope'") and "\n" not in err, err
 
 
 def test_an_installed_package_adds_a_strategy_through_its_entry_point(tmp_path, monkeypatch):

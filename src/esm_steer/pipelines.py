@@ -57,7 +57,7 @@ def run_stage(entry: str, cfg, run, engine=None):
     dir when it lacks the artifacts that their steered methods need and eval.run_offline_if_missing."""
     fn = stage_function(entry, cfg.stage.name)
     if entry in ESM_ONLINE:
-        why = offline.offline_stages_due(cfg, run, entry)
+        why = offline.offline_stages_due(cfg, run, entry, engine)
         if why:
             log.info("%s: running the offline stages %s into this run dir first", why, " -> ".join(ESM_OFFLINE))
             run_offline(cfg, run, engine=engine)

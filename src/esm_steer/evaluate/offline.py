@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from esm_steer.engine import require_steering
 from esm_steer.esm import artifacts
 from esm_steer.evaluate.methods import eval_methods, online_methods
 from esm_steer.runs import Run, RunError, resolve_run_path
@@ -52,11 +53,13 @@ def _given_dir(given: str, root_dir: str) -> Path:
     raise RunError(str(err) if err else f"eval.artifact_run_dir={given} does not resolve")
 
 
-def offline_stages_due(cfg: DictConfig, run: Run, entry: str = "eval") -> str | None:
+def offline_stages_due(cfg: DictConfig, run: Run, entry: str = "eval", engine=None) -> str | None:
     """Why the offline stages must run into this run dir before esm-<entry> (eval or case), as
     one line for the log, or None: steered methods asked for, no eval.artifact_run_dir, the run
-    dir lacks library/ or memory/, and eval.run_offline_if_missing."""
+    dir lacks library/ or memory/, and eval.run_offline_if_missing. Methods the engine (or
+    cfg.model) cannot steer are refused first, in one line, so that nothing is mined for them."""
     methods = online_methods(eval_methods(cfg) if entry == "eval" else list(cfg.eval.methods))
+    require_steering(cfg.model if engine is None else engine, methods)
     if not methods or cfg.eval.artifact_run_dir or has_artifacts(run.dir) or not cfg.eval.run_offline_if_missing:
         return None
     missing = [f"{d}/" for d in ARTIFACT_DIRS if not ((run.dir / d).is_dir() and any((run.dir / d).iterdir()))]
