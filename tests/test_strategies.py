@@ -13,15 +13,12 @@ import pytest
 
 import esm_steer
 from esm_steer.config import ConfigError
-from esm_steer.esm import memory as memory_stage
-from esm_steer.esm import select as select_stage
 from esm_steer.esm.strategies import STRATEGIES, Strategy, register_strategy, strategy_class
 from esm_steer.evaluate import records as R
 from esm_steer.io import read_jsonl
-from esm_steer.runs import Run
 
 sys.path.insert(0, str(Path(__file__).parent / "faults"))
-from fault_lib import ESM_OVERRIDES, esm_cfg, run_mine, tiny_engine  # noqa: E402
+from fault_lib import ESM_OVERRIDES, run_offline, tiny_engine  # noqa: E402
 
 CONF = Path(esm_steer.__file__).parent / "conf"
 
@@ -49,12 +46,7 @@ def engine():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, engine) -> Path:
     """mine -> select -> memory on the tiny model, at <root>/debug/run1."""
-    run_dir = tmp_path_factory.mktemp("outputs") / "debug" / "run1"
-    run_mine(run_dir, engine)
-    for entry, stage in (("select", select_stage), ("memory", memory_stage)):
-        cfg = esm_cfg(entry)
-        stage.run(cfg, Run(run_dir, cfg))
-    return run_dir
+    return run_offline(tmp_path_factory.mktemp("outputs") / "debug" / "run1", engine)
 
 
 # esm-eval's main in a child process (Hydra configures logging for the process it runs in), with

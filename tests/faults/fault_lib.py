@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 import esm_steer.cli  # noqa: F401 - registers the schema and the resolvers
 from esm_steer import runtime
 from esm_steer.config import ESMConfig
+from esm_steer.esm import memory as memory_stage
+from esm_steer.esm import select as select_stage
 from esm_steer.esm.mine import mine
 from esm_steer.evaluate import eval as ev
 from esm_steer.runs import Run
@@ -83,6 +85,20 @@ def run_mine(run_dir: Path, engine) -> dict:
     cfg = esm_cfg("mine")
     examples = runtime.load_examples(cfg, cfg.task.train_split)
     return mine(cfg, run_dir, engine, examples, runtime.prompt_ids(engine, cfg, examples))
+
+
+def select_and_index(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    """esm-select then esm-memory on a mined run dir (no model)."""
+    for entry, stage in (("select", select_stage), ("memory", memory_stage)):
+        cfg = esm_cfg(entry, extra)
+        stage.run(cfg, Run(run_dir, cfg))
+
+
+def run_offline(run_dir: Path, engine) -> Path:
+    """A complete mine -> select -> memory run dir on the tiny model."""
+    run_mine(run_dir, engine)
+    select_and_index(run_dir)
+    return run_dir
 
 
 def run_eval_greedy(run_dir: Path, engine) -> dict:

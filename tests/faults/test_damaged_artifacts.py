@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fault_lib import FAULTS, esm_cfg, run_mine, run_token2048, snapshot, tiny_engine
+from fault_lib import FAULTS, esm_cfg, run_offline, run_token2048, snapshot, tiny_engine
 
 from esm_steer.esm import memory as memory_stage
 from esm_steer.esm import select as select_stage
@@ -39,12 +39,7 @@ def engine():
 @pytest.fixture(scope="module")
 def esm_run(tmp_path_factory, engine) -> Path:
     """A complete mine -> select -> memory run dir, at outputs/debug/run1."""
-    run_dir = tmp_path_factory.mktemp("outputs") / "debug" / "run1"
-    run_mine(run_dir, engine)
-    for entry, stage in (("select", select_stage), ("memory", memory_stage)):
-        cfg = esm_cfg(entry)
-        stage.run(cfg, Run(run_dir, cfg))
-    return run_dir
+    return run_offline(tmp_path_factory.mktemp("outputs") / "debug" / "run1", engine)
 
 
 def _eval(run_dir: Path, engine) -> None:

@@ -9,13 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from fault_lib import esm_cfg
+from fault_lib import esm_cfg, select_and_index
 
 from esm_steer import runtime
-from esm_steer.esm import memory as memory_stage
-from esm_steer.esm import select as select_stage
 from esm_steer.esm.mine import mine
-from esm_steer.runs import Run
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +36,7 @@ def test_truncated_faiss_index_after_a_real_pipeline_is_one_line(tmp_path):
         mine(cfg, run_dir, engine, examples, runtime.prompt_ids(engine, cfg, examples))
     finally:
         engine.close()
-    for entry, stage in (("select", select_stage), ("memory", memory_stage)):
-        c = esm_cfg(entry, REAL)
-        stage.run(c, Run(run_dir, c))
+    select_and_index(run_dir, REAL)
     index = run_dir / "memory" / "index.faiss"
     index.write_bytes(index.read_bytes()[:100])
     exe = str(Path(sys.executable).parent / "esm-eval")

@@ -15,24 +15,14 @@ hidden states are computed).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from esm_steer.config import ConfigError
+from esm_steer.registry import registrar
 
 ENGINES: dict[str, type] = {}
 
 
-def register_engine(name: str) -> Callable[[type], type]:
-    """Class decorator: register an engine class under its ``model.backend`` name."""
-
-    def register(cls: type) -> type:
-        if ENGINES.get(name, cls) is not cls:
-            raise ValueError(f"engine {name!r} is already registered ({ENGINES[name].__qualname__})")
-        cls.backend_name = name
-        ENGINES[name] = cls
-        return cls
-
-    return register
+# class decorator: register an engine class under its ``model.backend`` name
+register_engine = registrar(ENGINES, "engine", "backend_name")
 
 
 def engine_class(name: str) -> type:

@@ -18,29 +18,21 @@ first time a name is not found, so ``esm-eval eval.methods=[greedy,<name>]`` fin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import ClassVar
 
 from esm_steer.config import ConfigError
 from esm_steer.esm.policy import STATIC_MEAN, candidates_of, score, static_vector
 from esm_steer.esm.retrieve import GATE_NO_TOOLS, GATE_OK, Retrieval
+from esm_steer.registry import registrar
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 ENTRY_POINTS = "esm_steer.strategies"  # installed packages' strategy modules (pyproject entry points)
 
 
-def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
-    """Class decorator: register an online strategy under ``name`` (a method name of eval)."""
-
-    def register(cls: type[Strategy]) -> type[Strategy]:
-        if STRATEGIES.get(name, cls) is not cls:
-            raise ValueError(f"online strategy {name!r} is already registered ({STRATEGIES[name].__qualname__})")
-        cls.name = name
-        STRATEGIES[name] = cls
-        return cls
-
-    return register
+# class decorator: register an online strategy under ``name`` (a method name of eval)
+register_strategy = registrar(STRATEGIES, "online strategy", "name")
 
 
 def strategy_class(name: str, key: str = "online.variant") -> type[Strategy]:

@@ -89,7 +89,6 @@ def make_generator(method: str, engine, cfg: DictConfig, artifact_dir: Path | No
     t_max = int(cfg.decode.max_new_tokens)
     if method == BASELINE:
         return (lambda prompts: greedy_generate(engine, prompts, t_max)), R.record_from_sample
-    strategy_class(method, "eval.methods")
     policy = make_policy(engine, artifact_dir, cfg, method, cache)
     return (lambda prompts: policy.run(list(prompts), max_new_tokens=t_max)), R.record_from_online
 

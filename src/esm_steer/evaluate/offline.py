@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 ARTIFACT_DIRS = (artifacts.LIBRARY_DIR, artifacts.MEMORY_DIR)
 
 
+def missing_artifacts(run_dir: Path) -> list[str]:
+    """The artifact dirs (``library/``, ``memory/``) that ``run_dir`` lacks or has empty."""
+    return [f"{d}/" for d in ARTIFACT_DIRS if not ((run_dir / d).is_dir() and any((run_dir / d).iterdir()))]
+
+
 def has_artifacts(run_dir: Path) -> bool:
-    return all((run_dir / d).is_dir() and any((run_dir / d).iterdir()) for d in ARTIFACT_DIRS)
+    return not missing_artifacts(run_dir)
 
 
 def candidate_paths(path: str, root_dir: str) -> list[Path]:
@@ -60,9 +65,9 @@ def offline_stages_due(cfg: DictConfig, run: Run, entry: str = "eval", engine=No
     cfg.model) cannot steer are refused first, in one line, so that nothing is mined for them."""
     methods = online_methods(eval_methods(cfg) if entry == "eval" else list(cfg.eval.methods))
     require_steering(cfg.model if engine is None else engine, methods)
-    if not methods or cfg.eval.artifact_run_dir or has_artifacts(run.dir) or not cfg.eval.run_offline_if_missing:
+    missing = missing_artifacts(run.dir)
+    if not methods or cfg.eval.artifact_run_dir or not missing or not cfg.eval.run_offline_if_missing:
         return None
-    missing = [f"{d}/" for d in ARTIFACT_DIRS if not ((run.dir / d).is_dir() and any((run.dir / d).iterdir()))]
     return (
         f"eval.run_offline_if_missing=true and {run.dir} lacks {' and '.join(missing)} (needed by {', '.join(methods)})"
     )
